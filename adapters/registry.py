@@ -1,0 +1,18 @@
+"""The explicit list of adapters a config may name. Onboarding a channel adds one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from adapters.sandbox.adapter import SandboxAdapter
+from router.model import Capabilities, ChannelAdapter
+
+AdapterFactory = Callable[[Mapping[str, str], Capabilities], ChannelAdapter]
+
+ADAPTERS: Mapping[str, AdapterFactory] = {
+    "sandbox": SandboxAdapter,
+}
+
+
+def create(kind: str, credentials: Mapping[str, str], capabilities: Capabilities) -> ChannelAdapter:
+    return ADAPTERS[kind](credentials, capabilities)

@@ -1,0 +1,1 @@
+"""The sandbox payment channel: a scriptable fake PSP served over real HTTP (see `server`)."""

@@ -1,0 +1,19 @@
+"""Elimination: remove channels whose circuit breaker is open (from the snapshot, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from router.model import Candidate, RouteContext
+
+
+class BreakerFilter:
+    name = "breaker"
+
+    def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
+        return tuple(c for c in candidates if not c.breaker_open)
+
+
+def breaker(params: Mapping[str, Any]) -> BreakerFilter:
+    return BreakerFilter()

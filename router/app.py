@@ -1,0 +1,340 @@
+"""The HTTP app: routes, authentication, problem+json errors, idempotency, metrics and wiring.
+
+Everything opened at start-up (store, channel sessions, in-process sandbox channels) is opened in a
+`cleanup_ctx`, so it is closed in reverse order and only if it was opened. Handlers are never
+cancelled when a client goes away (aiohttp's default): a payment that started finishes and is
+recorded. Every error a client sees is `application/problem+json` with a machine-readable `code`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router import __version__
+from router.config import Config
+from router.errors import FieldError, ProblemError, invalid_request
+from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
+from router.logs import request_id
+from router.metrics import Metrics
+from router.model import Payment
+from router.openapi import OPENAPI
+from router.pipeline import Pipeline, new_id, payment_json
+from router.runtime import Runtime
+from router.store.base import PaymentStore
+from router.validation import Limits, validate_payment
+
+log = logging.getLogger("payroute.app")
+
+PROBLEM = "application/problem+json"
+RUNTIME = web.AppKey("runtime", Runtime)
+STORE = web.AppKey("store", PaymentStore)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+METRICS = web.AppKey("metrics", Metrics)
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
+STATE = web.AppKey("state", dict)
+
+_IDEMPOTENCY_KEY_MAX = 255
+
+
+def problem_response(p: ProblemError, instance: str | None = None) -> web.Response:
+    return web.Response(status=p.status, body=orjson.dumps(p.body(instance)), content_type=PROBLEM)
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+# ------------------------------------------------------------------ middleware
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not (0 < len(rid) <= 64 and rid.isprintable()):
+        rid = new_id("req")
+    token = request_id.set(rid)
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    t0 = time.perf_counter()
+    try:
+        try:
+            resp = await handler(request)
+        except ProblemError as p:
+            resp = problem_response(p, request.path)
+        except web.HTTPException as e:
+            resp = problem_response(_http_problem(e), request.path)
+        except Exception:
+            log.exception("unhandled error", extra={"route": route})
+            resp = problem_response(ProblemError(500, "internal_error", "payroute failed to process the request"), request.path)
+        resp.headers["X-Request-Id"] = rid
+        metrics.http_requests.labels(request.method, route, str(resp.status)).inc()
+        metrics.http_latency.labels(route).observe(time.perf_counter() - t0)
+        return resp
+    finally:
+        request_id.reset(token)
+
+
+def _http_problem(e: web.HTTPException) -> ProblemError:
+    if e.status == 404:
+        return ProblemError(404, "not_found", "No such route", "see /openapi.json for the API")
+    if e.status == 405:
+        return ProblemError(405, "method_not_allowed", "Method not allowed")
+    if e.status == 413:
+        return ProblemError(413, "body_too_large", "The request body is too large")
+    return ProblemError(e.status, "http_error", e.reason)
+
+
+# ------------------------------------------------------------------ request helpers
+
+
+def authenticate(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise ProblemError(401, "unauthenticated", "An API key is required", "send Authorization: Bearer <API key>")
+    merchant = request.app[RUNTIME].api_keys.get(hashlib.sha256(key.strip().encode()).hexdigest())
+    if merchant is None:
+        raise ProblemError(401, "invalid_api_key", "The API key is not valid")
+    return merchant
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise ProblemError(400, "empty_body", "The request body is empty", "send a JSON object")
+    ctype = request.content_type
+    if ctype != "application/json":
+        raise ProblemError(415, "unsupported_media_type", "Content-Type must be application/json", f"got {ctype or 'none'}")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ProblemError(400, "malformed_json", "The body is not valid JSON", f"at position {e.pos}") from None
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= _IDEMPOTENCY_KEY_MAX or not key.isprintable() or not key.isascii():
+        raise invalid_request([FieldError("Idempotency-Key", "invalid_idempotency_key", "1-255 printable ASCII characters")])
+    return key
+
+
+async def idempotent(
+    request: web.Request, merchant: str, params: Any, run: Callable[[], Awaitable[web.Response]]
+) -> web.Response:
+    """Run `run` once per (merchant, Idempotency-Key); replay its response to every later request."""
+    key = idempotency_key(request)
+    if key is None:
+        return await run()
+    rt = request.app[RUNTIME]
+    store = request.app[IDEMPOTENCY]
+    # keyed: the parameters include card data, so a plain hash would be brute-forceable
+    material = request.method.encode() + b" " + request.path.encode() + b"\n" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    fingerprint = hmac.new(rt.fingerprint_key, material, hashlib.sha256).hexdigest()
+    claim = await store.claim(merchant, key, fingerprint)
+    if claim.replay is not None:
+        request.app[METRICS].idempotent_replays.inc()
+        r = claim.replay
+        return web.Response(status=r.status, body=r.body, content_type=r.content_type, headers={"Idempotent-Replayed": "true"})
+    try:
+        try:
+            resp = await run()
+        except ProblemError as p:
+            resp = problem_response(p, request.path)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"route": request.path})
+            resp = problem_response(ProblemError(500, "internal_error", "payroute failed to process the request"), request.path)
+    except BaseException:
+        await store.release(merchant, key)
+        raise
+    assert isinstance(resp.body, bytes)
+    await store.complete(merchant, key, StoredResponse(resp.status, resp.body, resp.content_type))
+    return resp
+
+
+def _amount_param(body: Any, *, required: bool) -> int | None:
+    if not isinstance(body, dict):
+        raise invalid_request([FieldError("", "invalid_body", "the body must be a JSON object")])
+    errors: list[FieldError] = []
+    for k in body:
+        if k not in ("amount", "reason"):
+            errors.append(FieldError(str(k), "unknown_field", "not a known field"))
+    amount = body.get("amount")
+    if amount is None and required:
+        errors.append(FieldError("amount", "required", "amount is required"))
+    elif amount is not None and (type(amount) is not int or amount <= 0):
+        errors.append(FieldError("amount", "invalid_amount", "a positive integer in minor units"))
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
+        errors.append(FieldError("reason", "invalid_reason", "a string of at most 200 characters"))
+    if errors:
+        raise invalid_request(errors)
+    return amount
+
+
+# ------------------------------------------------------------------ handlers
+
+
+async def create_payment(request: web.Request) -> web.Response:
+    merchant = authenticate(request)
+    body = await read_json(request)
+    rt = request.app[RUNTIME]
+    limits = Limits(max_amount=rt.config.server.max_amount)
+    req, card = validate_payment(
+        body, merchant_id=merchant, fingerprint_key=rt.fingerprint_key, limits=limits, today=datetime.now(UTC).date()
+    )
+    pipeline = request.app[PIPELINE]
+
+    async def run() -> web.Response:
+        # shielded: shutdown or a lost client must not cut a payment between channel call and record
+        payment = await asyncio.shield(pipeline.create_payment(req, card, request.headers.get("Idempotency-Key")))
+        return json_response(payment_json(payment), 201)
+
+    return await idempotent(request, merchant, body, run)
+
+
+async def get_payment(request: web.Request) -> web.Response:
+    merchant = authenticate(request)
+    payment = await request.app[PIPELINE].get(merchant, request.match_info["id"])
+    return json_response(payment_json(payment))
+
+
+def _operation_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        merchant = authenticate(request)
+        pid = request.match_info["id"]
+        body = await read_json(request, optional=kind != "refund")
+        amount = _amount_param(body, required=False)
+        pipeline = request.app[PIPELINE]
+
+        async def run() -> web.Response:
+            payment: Payment
+            if kind == "capture":
+                payment = await asyncio.shield(pipeline.capture(merchant, pid, amount))
+            elif kind == "void":
+                payment = await asyncio.shield(pipeline.void(merchant, pid))
+            else:
+                payment = await asyncio.shield(pipeline.refund(merchant, pid, amount, body.get("reason")))
+            return json_response(payment_json(payment))
+
+        return await idempotent(request, merchant, body, run)
+
+    return handler
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].get("stopping"):
+        raise ProblemError(503, "shutting_down", "payroute is shutting down")
+    try:
+        await request.app[STORE].ping()
+    except Exception as e:  # noqa: BLE001 - readiness reports any store failure as not ready
+        raise ProblemError(503, "store_unavailable", "The durable store is not reachable", type(e).__name__) from None
+    rt = request.app[RUNTIME]
+    return json_response({"status": "ready", "config_version": rt.version, "breakers": rt.breaker_states()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    for name, state in request.app[RUNTIME].breaker_states().items():
+        m.breaker_state.labels(name).set(state)
+    resp = web.Response(body=generate_latest(m.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(OPENAPI)
+
+
+# ------------------------------------------------------------------ wiring
+
+
+def build_store(cfg: Config) -> PaymentStore:
+    if cfg.storage.mode != "embedded":
+        raise NotImplementedError("scale-out storage (Redis + PostgreSQL) is not available yet")
+    from router.store.sqlite import SqliteStore
+
+    return SqliteStore(Path(cfg.storage.sqlite_path), synchronous=cfg.storage.synchronous)
+
+
+def create_app(
+    cfg: Config,
+    *,
+    store: PaymentStore | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> web.Application:
+    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[edge])
+    m = Metrics()
+    app[METRICS] = m
+    app[STATE] = {}
+
+    def on_breaker(channel: str, state: str) -> None:
+        log.warning("breaker state changed", extra={"channel": channel, "state": state})
+
+    runtime = Runtime(cfg, on_breaker)
+    app[RUNTIME] = runtime
+    the_store = store or build_store(cfg)
+    app[STORE] = the_store
+    app[IDEMPOTENCY] = MemoryIdempotencyStore()
+    app[PIPELINE] = Pipeline(lambda: app[RUNTIME], the_store, m, sleep=sleep)
+
+    async def sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
+        running = []
+        if cfg.sandbox:
+            from adapters.sandbox.server import ChannelSpec, run_sandbox
+
+            specs = [msgspec.convert(msgspec.structs.asdict(s), ChannelSpec) for s in cfg.sandbox]
+            running = await run_sandbox(specs, "127.0.0.1")
+        yield
+        for r in running:
+            await r.stop()
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await the_store.start()
+        yield
+        await the_store.close()
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        await app[RUNTIME].start()
+        yield
+        await app[RUNTIME].close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[STATE]["stopping"] = True
+
+    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx])
+    app.on_shutdown.append(on_shutdown)
+
+    r = app.router
+    r.add_post("/v1/payments", create_payment)
+    r.add_get("/v1/payments/{id}", get_payment)
+    r.add_post("/v1/payments/{id}/capture", _operation_handler("capture"))
+    r.add_post("/v1/payments/{id}/void", _operation_handler("void"))
+    r.add_post("/v1/payments/{id}/refunds", _operation_handler("refund"))
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    return app

@@ -1,0 +1,145 @@
+"""The `payroute` command line.
+
+    payroute serve [--config FILE] [--host H] [--port P]   run the proxy (demo config when no --config)
+    payroute sandbox [--config FILE] [--host H]            run only the config's sandbox channels
+    payroute config check FILE                             validate a config; non-zero exit and paths on error
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import msgspec
+
+from router.config import Config, load_config_file
+from router.errors import ConfigError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_KEY_DEFAULT = "sk_test_payroute_demo_key_0001"
+
+
+def _load(path: str | None) -> Config:
+    from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES
+
+    return load_config_file(path or DEMO_CONFIG, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+
+
+def _fail_config(e: ConfigError, path: str) -> int:
+    print(f"config {path} is invalid:", file=sys.stderr)
+    for where, msg in e.problems:
+        print(f"  {where}: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from router.app import create_app
+    from router.logs import setup_logging
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        return _fail_config(e, args.config or str(DEMO_CONFIG))
+    server = msgspec.structs.replace(
+        cfg.server, host=args.host or cfg.server.host, port=args.port if args.port is not None else cfg.server.port
+    )
+    cfg = msgspec.structs.replace(cfg, server=server)
+    setup_logging(cfg.server.log_level)
+    app = create_app(cfg)
+    base = f"http://{server.host}:{server.port}"
+    print(f"payroute listening on {base} (config {args.config or 'demo'}, version {cfg.digest})", flush=True)
+    if args.config is None:
+        import os
+
+        key = os.environ.get("PAYROUTE_DEMO_API_KEY", DEMO_KEY_DEFAULT)
+        print(f"demo merchant API key: {key}", flush=True)
+        print(f"sandbox channels: {', '.join(f'{s.name}=127.0.0.1:{s.port}' for s in cfg.sandbox)}", flush=True)
+        print(
+            f"try: curl -s {base}/v1/payments -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+            "-d '{\"amount\":1099,\"currency\":\"USD\",\"country\":\"US\",\"merchant_order_id\":\"order-1\","
+            "\"payment_method\":{\"type\":\"card\",\"card\":{\"number\":\"4242424242424242\",\"exp_month\":12,"
+            "\"exp_year\":2034,\"cvc\":\"123\"}}}'",
+            flush=True,
+        )
+    web.run_app(
+        app, host=server.host, port=server.port, shutdown_timeout=cfg.server.shutdown_grace_s, print=None,
+        access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None,
+    )
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from adapters.sandbox.server import ChannelSpec, run_sandbox
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        return _fail_config(e, args.config or str(DEMO_CONFIG))
+    if not cfg.sandbox:
+        print("the config has no sandbox: section", file=sys.stderr)
+        return 2
+    specs = [msgspec.convert(msgspec.structs.asdict(s), ChannelSpec) for s in cfg.sandbox]
+
+    async def run() -> None:
+        running = await run_sandbox(specs, args.host)
+        for r in running:
+            print(f"sandbox channel {r.channel.name} on {r.base_url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for r in running:
+                await r.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args.file)
+    except ConfigError as e:
+        return _fail_config(e, args.file)
+    print(f"{args.file}: ok (version {cfg.digest}, {len(cfg.channels)} channels, {len(cfg.merchants)} merchants)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="payroute", description="payroute: one payment endpoint, many channels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the payment proxy", description=(
+        "Run the proxy. Without --config, runs the demo (config/demo.yaml): three sandbox channels in-process on "
+        "loopback, a demo merchant whose API key is printed at start, SQLite in the current directory."))
+    s.add_argument("--config", help="YAML config file (default: the demo config)")
+    s.add_argument("--host", help="listen address (default: server.host from the config)")
+    s.add_argument("--port", type=int, help="listen port (default: server.port from the config)")
+    s.set_defaults(func=cmd_serve)
+    sb = sub.add_parser("sandbox", help="run the config's sandbox channels standalone",
+                        description="Run the sandbox channels of a config's sandbox: section (default: the demo's).")
+    sb.add_argument("--config", help="YAML config file with a sandbox: section (default: the demo config)")
+    sb.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    sb.set_defaults(func=cmd_sandbox)
+    c = sub.add_parser("config", help="config tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    chk = csub.add_parser("check", help="validate a config file", description=(
+        "Validate a config file: YAML, types, references, env-var interpolation. Exit 0 when valid; "
+        "exit 2 and one line per bad path otherwise."))
+    chk.add_argument("file")
+    chk.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Config: YAML in, typed and validated structs out, or a `ConfigError` listing every bad path.
+
+Loading is pure: `load_config(text)` interpolates `${VAR}` / `${VAR:-default}` from the environment
+(secrets never live in the file), decodes into msgspec Structs (type errors carry their JSON path),
+then checks cross-references (routing names known channels, unique names, known adapters and
+policies). A config that fails any check is rejected whole; the caller keeps the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from router.errors import ConfigError
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Timeouts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    connect_ms: int = 1000
+    total_ms: int = 8000
+
+
+class BreakerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    fail_max: int = 5  # consecutive channel-caused failures that open the breaker
+    reset_timeout_s: float = 30.0  # how long it stays open before one half-open probe
+
+
+class RetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    attempts: int = 3  # tries per channel for ChannelUnavailable (nothing was sent), including the first
+    base_ms: int = 25
+    max_ms: int = 400
+
+
+class ChannelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    adapter: str
+    base_url: str
+    credentials: dict[str, str] = msgspec.field(default_factory=dict)
+    currencies: list[str] | None = None  # None: whatever the adapter supports
+    countries: list[str] | None = None
+    methods: list[str] = msgspec.field(default_factory=lambda: ["card"])
+    priority: int = 100  # lower goes first in the priority ranker
+    weight: int = 1
+    timeouts: Timeouts = Timeouts()
+    breaker: BreakerSettings = BreakerSettings()
+    retry: RetrySettings = RetrySettings()
+    max_connections: int = 100
+
+
+class PolicyStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One step of a chain: `policy` names a filter or ranker; the rest are its parameters."""
+
+    policy: str
+    order: list[str] | None = None  # priority: explicit channel order
+    fallback: list[str] | None = None  # priority: channels appended when `order` leaves none
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    default: list[PolicyStep] = msgspec.field(
+        default_factory=lambda: [
+            PolicyStep(policy="currency"),
+            PolicyStep(policy="country"),
+            PolicyStep(policy="method"),
+            PolicyStep(policy="breaker"),
+            PolicyStep(policy="priority"),
+        ]
+    )
+    merchants: dict[str, list[PolicyStep]] = msgspec.field(default_factory=dict)
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Either `sha256` (hex digest of the key, as stored) or `key` (plaintext, e.g. `${ENV}`; hashed on load)."""
+
+    sha256: str | None = None
+    key: str | None = None
+
+
+class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: str
+    secret: str
+
+
+class MerchantConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    name: str | None = None
+    api_keys: list[ApiKey] = msgspec.field(default_factory=list)
+    webhooks: list[WebhookConfig] = msgspec.field(default_factory=list)
+
+
+class BlockRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    countries: list[str]
+    reason: str = "sanctioned region"
+
+
+class ComplianceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    blocked: list[BlockRule] = msgspec.field(default_factory=list)
+
+
+class StorageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    mode: str = "embedded"  # embedded | scaleout
+    sqlite_path: str = "payroute.db"
+    synchronous: str = "FULL"
+    redis_url: str | None = None
+    postgres_dsn: str | None = None
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024
+    max_amount: int = 100_000_000  # minor units, per payment
+    payment_deadline_ms: int = 20_000  # the whole attempt plan must finish within this
+    shutdown_grace_s: float = 15.0
+    log_level: str = "INFO"
+    access_log: bool = False
+
+
+class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Key for the PAN fingerprint (HMAC-SHA256). Rotate only with a fingerprint migration.
+    fingerprint_key: str = "payroute-demo-fingerprint-key"
+
+
+class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    port: int
+    api_key: str | None = None
+    script: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    version: str = "1"
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    security: SecurityConfig = SecurityConfig()
+    channels: list[ChannelConfig] = msgspec.field(default_factory=list)
+    routing: RoutingConfig = RoutingConfig()
+    merchants: list[MerchantConfig] = msgspec.field(default_factory=list)
+    compliance: ComplianceConfig = ComplianceConfig()
+    sandbox: list[SandboxSpec] = msgspec.field(default_factory=list)  # sandbox channels to run in-process
+
+    @property
+    def digest(self) -> str:
+        """A short content hash: the config version each payment records."""
+        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:12]
+
+    def channel(self, name: str) -> ChannelConfig:
+        for ch in self.channels:
+            if ch.name == name:
+                return ch
+        raise KeyError(name)
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> tuple[str, list[tuple[str, str]]]:
+    missing: list[tuple[str, str]] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append((f"${{{name}}}", "environment variable is not set"))
+        return ""
+
+    return _ENV.sub(sub, text), missing
+
+
+def _msgspec_path(err: msgspec.ValidationError) -> tuple[str, str]:
+    msg = str(err)
+    if " - at `" in msg:
+        text, _, path = msg.rpartition(" - at `")
+        return path.rstrip("`"), text
+    return "$", msg
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_config(
+    text: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    known_adapters: frozenset[str] = frozenset(),
+    known_policies: frozenset[str] = frozenset(),
+) -> Config:
+    """Parse, interpolate, decode and cross-check. Raises ConfigError with every problem found."""
+    text, missing = interpolate(text, os.environ if env is None else env)
+    if missing:
+        raise ConfigError(missing)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([("$", f"not valid YAML: {e}")]) from None
+    if raw is None:
+        raw = {}
+    try:
+        cfg = msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise ConfigError([_msgspec_path(e)]) from None
+    problems = check(cfg, known_adapters=known_adapters, known_policies=known_policies)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config_file(path: str | Path, **kw: Any) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([("$", f"cannot read {path}: {e.strerror}")]) from None
+    return load_config(text, **kw)
+
+
+def check(
+    cfg: Config, *, known_adapters: frozenset[str], known_policies: frozenset[str]
+) -> list[tuple[str, str]]:
+    """Semantic checks msgspec's types cannot express."""
+    from router.validation import currency_exponent  # local: validation imports pycountry/babel
+
+    problems: list[tuple[str, str]] = []
+    add = problems.append
+    if cfg.storage.mode not in ("embedded", "scaleout"):
+        add(("$.storage.mode", "must be 'embedded' or 'scaleout'"))
+    if cfg.storage.mode == "scaleout" and not (cfg.storage.redis_url and cfg.storage.postgres_dsn):
+        add(("$.storage", "scaleout needs redis_url and postgres_dsn"))
+    if cfg.storage.synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        add(("$.storage.synchronous", "must be FULL, EXTRA or NORMAL"))
+    if not 0 < cfg.server.max_amount:
+        add(("$.server.max_amount", "must be positive"))
+    if cfg.server.payment_deadline_ms <= 0:
+        add(("$.server.payment_deadline_ms", "must be positive"))
+    names: set[str] = set()
+    for i, ch in enumerate(cfg.channels):
+        p = f"$.channels[{i}]"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", ch.name):
+            add((f"{p}.name", "must match [a-z0-9][a-z0-9_-]{0,39}"))
+        if ch.name in names:
+            add((f"{p}.name", f"duplicate channel name {ch.name!r}"))
+        names.add(ch.name)
+        if known_adapters and ch.adapter not in known_adapters:
+            add((f"{p}.adapter", f"unknown adapter {ch.adapter!r}; known: {', '.join(sorted(known_adapters))}"))
+        if not re.match(r"^https?://[^/\s]+", ch.base_url):
+            add((f"{p}.base_url", "must be an http(s) URL"))
+        for j, cur in enumerate(ch.currencies or []):
+            if currency_exponent(cur) is None:
+                add((f"{p}.currencies[{j}]", f"{cur!r} is not an ISO 4217 currency"))
+        for j, cc in enumerate(ch.countries or []):
+            if not _is_country(cc):
+                add((f"{p}.countries[{j}]", f"{cc!r} is not an ISO 3166-1 alpha-2 country"))
+        if ch.timeouts.connect_ms <= 0 or ch.timeouts.total_ms <= 0:
+            add((f"{p}.timeouts", "timeouts must be positive"))
+        if ch.timeouts.connect_ms > ch.timeouts.total_ms:
+            add((f"{p}.timeouts.connect_ms", "must not exceed total_ms"))
+        if ch.breaker.fail_max < 1:
+            add((f"{p}.breaker.fail_max", "must be at least 1"))
+        if ch.breaker.reset_timeout_s <= 0:
+            add((f"{p}.breaker.reset_timeout_s", "must be positive"))
+        if not 1 <= ch.retry.attempts <= 10:
+            add((f"{p}.retry.attempts", "must be between 1 and 10"))
+        if ch.weight < 0:
+            add((f"{p}.weight", "must not be negative"))
+
+    def check_chain(path: str, chain: list[PolicyStep]) -> None:
+        if not chain:
+            add((path, "a chain needs at least one policy"))
+        for k, step in enumerate(chain):
+            sp = f"{path}[{k}]"
+            if known_policies and step.policy not in known_policies:
+                add((f"{sp}.policy", f"unknown policy {step.policy!r}; known: {', '.join(sorted(known_policies))}"))
+            for field in ("order", "fallback"):
+                for m, name in enumerate(getattr(step, field) or []):
+                    if name not in names:
+                        add((f"{sp}.{field}[{m}]", f"unknown channel {name!r}"))
+
+    check_chain("$.routing.default", cfg.routing.default)
+    merchant_ids = {m.id for m in cfg.merchants}
+    for mid, chain in cfg.routing.merchants.items():
+        if mid not in merchant_ids:
+            add((f"$.routing.merchants.{mid}", f"unknown merchant {mid!r}"))
+        check_chain(f"$.routing.merchants.{mid}", chain)
+    seen_m: set[str] = set()
+    seen_keys: set[str] = set()
+    for i, m in enumerate(cfg.merchants):
+        p = f"$.merchants[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", m.id):
+            add((f"{p}.id", "must be 1-64 of [A-Za-z0-9_-]"))
+        if m.id in seen_m:
+            add((f"{p}.id", f"duplicate merchant id {m.id!r}"))
+        seen_m.add(m.id)
+        if not m.api_keys:
+            add((f"{p}.api_keys", "at least one API key is needed"))
+        for k, key in enumerate(m.api_keys):
+            kp = f"{p}.api_keys[{k}]"
+            if (key.sha256 is None) == (key.key is None):
+                add((kp, "give exactly one of sha256 or key"))
+                continue
+            if key.key is not None and len(key.key) < 16:
+                add((f"{kp}.key", "API keys must be at least 16 characters"))
+            if key.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", key.sha256):
+                add((f"{kp}.sha256", "must be a lowercase hex SHA-256 digest"))
+            digest = key.sha256 or hash_api_key(key.key or "")
+            if digest in seen_keys:
+                add((kp, "the same API key is configured twice"))
+            seen_keys.add(digest)
+        for k, hook in enumerate(m.webhooks):
+            if not hook.url.startswith(("http://", "https://")):
+                add((f"{p}.webhooks[{k}].url", "must be an http(s) URL"))
+    for i, rule in enumerate(cfg.compliance.blocked):
+        for j, cc in enumerate(rule.countries):
+            if not _is_country(cc):
+                add((f"$.compliance.blocked[{i}].countries[{j}]", f"{cc!r} is not an ISO 3166-1 alpha-2 country"))
+    return problems
+
+
+def _is_country(code: str) -> bool:
+    import pycountry
+
+    return len(code) == 2 and code.isupper() and pycountry.countries.get(alpha_2=code) is not None
+
+
+def api_key_index(cfg: Config) -> dict[str, str]:
+    """sha256(key) -> merchant id. Plaintext keys from config are hashed here and not kept."""
+    index: dict[str, str] = {}
+    for m in cfg.merchants:
+        for key in m.api_keys:
+            index[key.sha256 or hash_api_key(key.key or "")] = m.id
+    return index

@@ -1,0 +1,44 @@
+"""Prometheus metrics with fixed label sets (dashboards and alerts depend on these names).
+
+Labels are bounded: route templates (never raw paths), channel names from config, status and
+outcome enums. Nothing derived from request data ever becomes a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "payroute_http_requests", "HTTP requests by route template and status", ["method", "route", "status"], registry=r
+        )
+        self.http_latency = Histogram(
+            "payroute_http_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.payments = Counter(
+            "payroute_payments", "Payments by final status and channel (channel 'none' when no channel took it)",
+            ["channel", "status"], registry=r,
+        )
+        self.attempts = Counter("payroute_attempts", "Channel attempts by outcome", ["channel", "outcome"], registry=r)
+        self.attempt_latency = Histogram(
+            "payroute_attempt_duration_seconds", "Channel attempt latency (retries included)", ["channel"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.breaker_state = Gauge(
+            "payroute_breaker_state", "Breaker state by channel: 0 closed, 1 half-open, 2 open", ["channel"], registry=r
+        )
+        self.retries = Counter("payroute_retries", "Retries of requests that never reached the channel", ["channel"], registry=r)
+        self.failovers = Counter("payroute_failovers", "Fail-overs away from a channel", ["channel", "reason"], registry=r)
+        self.operations = Counter(
+            "payroute_operations", "Captures, voids and refunds by result", ["channel", "kind", "result"], registry=r
+        )
+        self.integration_errors = Counter(
+            "payroute_integration_errors", "Impossible answers from a channel (alert on any)", ["channel"], registry=r
+        )
+        self.compliance_blocks = Counter("payroute_compliance_blocks", "Payments refused by a compliance rule", ["rule"], registry=r)
+        self.idempotent_replays = Counter("payroute_idempotent_replays", "Responses replayed for a reused Idempotency-Key", registry=r)

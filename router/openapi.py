@@ -1,0 +1,98 @@
+"""The OpenAPI 3.1 description served at /openapi.json (the merchant API v1 and operations)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_problem = {"$ref": "#/components/schemas/Problem"}
+_payment = {"$ref": "#/components/schemas/Payment"}
+
+
+def _resp(desc: str, schema: dict[str, Any], ctype: str = "application/json") -> dict[str, Any]:
+    return {"description": desc, "content": {ctype: {"schema": schema}}}
+
+
+_errors = {
+    "400": _resp("Invalid request (every bad field listed)", _problem, "application/problem+json"),
+    "401": _resp("Missing or invalid API key", _problem, "application/problem+json"),
+    "404": _resp("No such payment (or another merchant's)", _problem, "application/problem+json"),
+    "409": _resp("Illegal transition, duplicate order, or Idempotency-Key in use", _problem, "application/problem+json"),
+    "422": _resp("Idempotency-Key reused with different parameters", _problem, "application/problem+json"),
+}
+_idem = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}
+_pid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_amount_body = {
+    "required": False,
+    "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "amount": {"type": "integer", "minimum": 1, "description": "minor units; default: all that remains"},
+        "reason": {"type": "string", "maxLength": 200}}, "additionalProperties": False}}},
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "payroute merchant API", "version": "1"},
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Problem": {"type": "object", "required": ["type", "title", "status", "code"], "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                "code": {"type": "string"}, "detail": {"type": "string"}, "instance": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object", "properties": {
+                    "field": {"type": "string"}, "code": {"type": "string"}, "message": {"type": "string"}}}}}},
+            "PaymentRequest": {"type": "object", "additionalProperties": False,
+                "required": ["amount", "currency", "country", "merchant_order_id", "payment_method"],
+                "properties": {
+                    "amount": {"type": "integer", "minimum": 1, "description": "minor units of the currency"},
+                    "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                    "country": {"type": "string", "pattern": "^[A-Z]{2}$"},
+                    "capture": {"type": "boolean", "default": True},
+                    "merchant_order_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "payment_method": {"type": "object", "required": ["type"], "properties": {
+                        "type": {"const": "card"},
+                        "card": {"type": "object", "required": ["number", "exp_month", "exp_year"], "properties": {
+                            "number": {"type": "string"}, "exp_month": {"type": "integer"},
+                            "exp_year": {"type": "integer"}, "cvc": {"type": "string"},
+                            "holder_name": {"type": "string"}}}}},
+                    "description": {"type": "string"}, "customer_id": {"type": "string"},
+                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "Payment": {"type": "object", "required": ["id", "status", "amount", "currency", "merchant_order_id", "attempts", "created_at"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "status": {"enum": ["processing", "authorized", "captured", "declined", "failed", "pending",
+                                        "requires_action", "voided", "partially_refunded", "refunded"]},
+                    "amount": {"type": "integer"}, "currency": {"type": "string"},
+                    "captured_amount": {"type": "integer"}, "refunded_amount": {"type": "integer"},
+                    "merchant_order_id": {"type": "string"},
+                    "channel": {"type": ["string", "null"]}, "channel_reference": {"type": ["string", "null"]},
+                    "decline": {"type": ["object", "null"], "properties": {
+                        "code": {"type": "string"}, "message": {"type": "string"}, "category": {"enum": ["hard", "soft"]}}},
+                    "attempts": {"type": "array", "items": {"type": "object", "properties": {
+                        "channel": {"type": "string"}, "outcome": {"type": "string"}, "code": {"type": ["string", "null"]},
+                        "latency_ms": {"type": "number"}}}},
+                    "routing": {"type": ["object", "null"]},
+                    "created_at": {"type": "string", "format": "date-time"}}},
+        },
+    },
+    "security": [{"apiKey": []}],
+    "paths": {
+        "/v1/payments": {"post": {
+            "summary": "Create a payment (authorize, or authorize and capture)",
+            "parameters": [_idem],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PaymentRequest"}}}},
+            "responses": {"201": _resp("The payment, whatever its outcome", _payment), **_errors}}},
+        "/v1/payments/{id}": {"get": {"summary": "Retrieve a payment", "parameters": [_pid],
+            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+        "/v1/payments/{id}/capture": {"post": {"summary": "Capture an authorized payment (partial allowed, once)",
+            "parameters": [_pid, _idem], "requestBody": _amount_body,
+            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+        "/v1/payments/{id}/void": {"post": {"summary": "Void an authorized payment", "parameters": [_pid, _idem],
+            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+        "/v1/payments/{id}/refunds": {"post": {"summary": "Refund a captured payment (partial and multiple allowed)",
+            "parameters": [_pid, _idem], "requestBody": _amount_body,
+            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+        "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"security": [], "summary": "Readiness", "responses": {"200": {"description": "ready"},
+                                                                               "503": {"description": "not ready"}}}},
+        "/metrics": {"get": {"security": [], "summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
+    },
+}

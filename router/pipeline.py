@@ -1,0 +1,513 @@
+"""The payment pipeline, in one straight line.
+
+    screen -> route -> record `processing` -> for each channel in the plan:
+        breaker gate -> build -> send (retry only ChannelUnavailable) -> parse -> stop or fail over
+    -> record the outcome (payment + attempts + outbox event, one transaction) -> return
+
+Authentication, validation and the idempotency claim happen before, in the HTTP layer. Rules:
+- approval or hard decline stops; soft decline and unavailable fail over to the next channel;
+- an unknown outcome stops at once: the payment goes `pending` and only a status query on that same
+  channel may resolve it. It is never failed over;
+- every channel call carries a deterministic key (payment id + attempt number), the same on retries;
+- the caller gets the payment only after the final write committed.
+Captures, voids and refunds follow the state machine in `router.model`; an illegal one is a 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import orjson
+
+from router.breaker import BreakerOpen
+from router.errors import (
+    ChannelUnavailable,
+    DuplicateOrder,
+    FieldError,
+    IllegalTransition,
+    IntegrationError,
+    OutcomeUnknown,
+    ProblemError,
+    VersionConflict,
+)
+from router.metrics import Metrics
+from router.model import (
+    Attempt,
+    ChannelAuthorize,
+    ChannelOperation,
+    ChannelResult,
+    Decline,
+    DeclineCategory,
+    Operation,
+    OutboxEvent,
+    Outcome,
+    Payment,
+    PaymentRequest,
+    RouteContext,
+    RoutingDecision,
+    SensitiveCard,
+    Status,
+    WireRequest,
+    can_transition,
+    utcnow,
+)
+from router.runtime import ChannelRuntime, Runtime
+from router.store.base import PaymentStore
+
+log = logging.getLogger("payroute.pipeline")
+
+_FINAL_FOR_METRICS = {Status.CAPTURED, Status.AUTHORIZED, Status.DECLINED, Status.FAILED, Status.PENDING, Status.REQUIRES_ACTION}
+
+
+def new_id(prefix: str) -> str:
+    # time-ordered (ms) then random: ids sort by creation, and collide with probability ~2^-80
+    return f"{prefix}_{int(time.time() * 1000):011x}{secrets.token_hex(10)}"
+
+
+def channel_key(payment_id: str, attempt: int) -> str:
+    """Deterministic per payment and attempt: retries and recovery reuse it, so a channel that
+    honours idempotency keys can never charge the attempt twice. Max 40 chars (Adyen allows 64)."""
+    return f"{payment_id}-a{attempt}"
+
+
+def payment_json(p: Payment) -> dict[str, object]:
+    """The public payment object (no internal fields)."""
+    doc: dict[str, object] = msgspec.to_builtins(p)
+    doc.pop("idempotency_key", None)
+    doc["object"] = "payment"
+    doc["attempts"] = [
+        {
+            "channel": a.channel,
+            "outcome": a.outcome.value,
+            "code": a.code,
+            "latency_ms": round(a.latency_ms, 3),
+            "retries": a.retries,
+        }
+        for a in p.attempts
+    ]
+    return doc
+
+
+def event_for(p: Payment, kind: str | None = None) -> OutboxEvent:
+    etype = f"payment.{kind or p.status.value}"
+    eid = new_id("evt")
+    payload = orjson.dumps(
+        {"id": eid, "type": etype, "created_at": utcnow().isoformat(), "data": payment_json(p)}
+    )
+    return OutboxEvent(id=eid, merchant_id=p.merchant_id, payment_id=p.id, type=etype, payload=payload)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        store: PaymentStore,
+        metrics: Metrics,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._runtime = runtime
+        self.store = store
+        self.metrics = metrics
+        self._sleep = sleep
+        self._clock = clock
+        self._op_locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ authorize
+
+    async def create_payment(self, req: PaymentRequest, card: SensitiveCard, idempotency_key: str | None) -> Payment:
+        rt = self._runtime()  # one config snapshot for the whole payment
+        cfg = rt.config
+        now = utcnow()
+        payment = Payment(
+            id=new_id("pay"),
+            merchant_id=req.merchant_id,
+            merchant_order_id=req.merchant_order_id,
+            status=Status.PROCESSING,
+            amount=req.amount,
+            currency=req.currency,
+            country=req.country,
+            capture=req.capture,
+            payment_method=req.payment_method,
+            description=req.description,
+            customer_id=req.customer_id,
+            metadata=req.metadata,
+            idempotency_key=idempotency_key,
+            created_at=now,
+            updated_at=now,
+        )
+        chain = rt.chain_for(req.merchant_id)
+        all_names = list(rt.channels)
+
+        # 1. compliance, before any routing or channel
+        rule = rt.blocked.get(req.country)
+        if rule is not None:
+            self.metrics.compliance_blocks.labels(rule.id).inc()
+            decision = RoutingDecision(
+                chain=chain.name, config_version=rt.version, candidates=all_names, plan=[], blocked_by=rule.id
+            )
+            failed = msgspec.structs.replace(
+                payment,
+                status=Status.FAILED,
+                routing=decision,
+                decline=Decline(code="compliance_blocked", message=f"{rule.reason} (rule {rule.id})", category=DeclineCategory.HARD),
+            )
+            await self._insert(failed)
+            return self._count(failed)
+
+        # 2. route
+        card_summary = req.payment_method.card
+        ctx = RouteContext(
+            payment_id=payment.id,
+            merchant_id=req.merchant_id,
+            amount=req.amount,
+            currency=req.currency,
+            country=req.country,
+            method=req.payment_method.type,
+            card_bin=card_summary.bin if card_summary else None,
+            card_brand=card_summary.brand if card_summary else None,
+            metadata=req.metadata,
+        )
+        plan, removed = chain.run(ctx, rt.candidates())
+        decision = RoutingDecision(
+            chain=chain.name, config_version=rt.version, candidates=all_names, plan=[c.name for c in plan], removed=removed
+        )
+        payment = msgspec.structs.replace(payment, routing=decision)
+        if not plan:
+            failed = msgspec.structs.replace(
+                payment,
+                status=Status.FAILED,
+                decline=Decline(code="no_eligible_channel", message="no channel can take this payment", category=DeclineCategory.HARD),
+            )
+            await self._insert(failed)
+            return self._count(failed)
+
+        # 3. record that we are about to call channels: a crash from here on leaves a trace to recover
+        await self._insert(payment)
+
+        # 4. attempts
+        deadline = self._clock() + cfg.server.payment_deadline_ms / 1000
+        attempts: list[Attempt] = []
+        final: Status | None = None
+        result: ChannelResult | None = None
+        last_soft: Attempt | None = None
+        used: ChannelRuntime | None = None
+        for seq, cand in enumerate(plan, start=1):
+            ch = rt.channels[cand.name]
+            if self._clock() >= deadline:
+                break
+            attempt, result = await self._attempt(ch, seq, payment, req, card, deadline)
+            attempts.append(attempt)
+            outcome = attempt.outcome
+            if outcome is Outcome.APPROVED and result is not None:
+                final = Status.CAPTURED if (req.capture or result.captured) else Status.AUTHORIZED
+            elif outcome is Outcome.HARD_DECLINE:
+                final = Status.DECLINED
+            elif outcome in (Outcome.UNKNOWN, Outcome.PENDING):
+                final = Status.PENDING
+            elif outcome is Outcome.REQUIRES_ACTION:
+                final = Status.REQUIRES_ACTION
+            if final is not None:
+                used = ch
+                break
+            if outcome is Outcome.SOFT_DECLINE:
+                last_soft = attempt
+            if outcome is not Outcome.SKIPPED:
+                self.metrics.failovers.labels(ch.name, outcome.value).inc()
+
+        decline: Decline | None = None
+        if final is None:
+            if last_soft is not None:
+                final = Status.DECLINED
+                decline = Decline(
+                    code=last_soft.code or "declined", message="every channel in the plan declined",
+                    category=DeclineCategory.SOFT, channel=last_soft.channel,
+                )
+            else:
+                final = Status.FAILED
+                decline = Decline(
+                    code="channels_unavailable", message="no channel in the plan could be reached",
+                    category=DeclineCategory.SOFT,
+                )
+        elif final is Status.DECLINED and result is not None and used is not None:
+            decline = Decline(
+                code=result.code or "declined", message=result.message or "declined", category=DeclineCategory.HARD,
+                channel=used.name,
+            )
+        done = msgspec.structs.replace(
+            payment,
+            status=final,
+            attempts=attempts,
+            decline=decline,
+            channel=used.name if used else None,
+            channel_reference=result.channel_reference if (used and result) else None,
+            captured_amount=payment.amount if final is Status.CAPTURED else 0,
+            next_action=result.next_action if (used and result) else None,
+            version=payment.version + 1,
+            updated_at=utcnow(),
+        )
+        await self.store.update_payment(done, payment.version, [event_for(done)])
+        return self._count(done)
+
+    async def _attempt(
+        self, ch: ChannelRuntime, seq: int, payment: Payment, req: PaymentRequest, card: SensitiveCard, deadline: float
+    ) -> tuple[Attempt, ChannelResult | None]:
+        key = channel_key(payment.id, seq)
+        wire = ch.adapter.build_authorize(
+            ChannelAuthorize(
+                payment_id=payment.id, attempt=seq, channel_key=key, reference=key, amount=req.amount,
+                currency=req.currency, exponent=req.exponent, country=req.country, capture=req.capture, card=card,
+                description=req.description,
+            )
+        )
+        started = utcnow()
+        t0 = self._clock()
+        retries = 0
+
+        def count_retry() -> None:
+            nonlocal retries
+            retries += 1
+            self.metrics.retries.labels(ch.name).inc()
+
+        result: ChannelResult | None = None
+        code: str | None = None
+        try:
+            async with ch.breaker.guard():
+                result = await self._send(ch, wire, deadline, ch.adapter.parse_authorize, count_retry)
+            outcome, code = result.outcome, result.code
+        except BreakerOpen:
+            outcome, code = Outcome.SKIPPED, "breaker_open"
+        except ChannelUnavailable as e:
+            outcome, code = Outcome.UNAVAILABLE, e.code
+        except OutcomeUnknown as e:
+            outcome, code = Outcome.UNKNOWN, e.code
+        latency = self._clock() - t0
+        self.metrics.attempts.labels(ch.name, outcome.value).inc()
+        if outcome is not Outcome.SKIPPED:
+            self.metrics.attempt_latency.labels(ch.name).observe(latency)
+        if outcome is Outcome.UNKNOWN:
+            log.warning("channel outcome unknown; payment goes pending", extra={"payment_id": payment.id, "channel": ch.name, "code": code})
+        attempt = Attempt(
+            seq=seq, channel=ch.name, outcome=outcome, code=code, latency_ms=latency * 1000, channel_key=key,
+            channel_reference=result.channel_reference if result else None, retries=retries, started_at=started,
+        )
+        return attempt, result
+
+    async def _send(
+        self,
+        ch: ChannelRuntime,
+        wire: WireRequest,
+        deadline: float,
+        parse: Callable[..., ChannelResult],
+        on_retry: Callable[[], None],
+    ) -> ChannelResult:
+        from router.transport import with_retries
+
+        async def once() -> ChannelResult:
+            resp = await ch.transport.send(wire, timeout_s=deadline - self._clock())
+            try:
+                return parse(resp)
+            except IntegrationError as e:
+                self.metrics.integration_errors.labels(ch.name).inc()
+                raise OutcomeUnknown(str(e), code="integration_error") from None
+
+        retry = ch.config.retry
+        return await with_retries(
+            once, attempts=retry.attempts, base_s=retry.base_ms / 1000, max_s=retry.max_ms / 1000, deadline=deadline,
+            budget=ch.budget, sleep=self._sleep, on_retry=on_retry, clock=self._clock,
+        )
+
+    async def _insert(self, p: Payment) -> None:
+        events = [event_for(p)] if p.status is not Status.PROCESSING else []
+        try:
+            await self.store.insert_payment(p, events)
+        except DuplicateOrder as e:
+            raise ProblemError(
+                409, "duplicate_merchant_order_id", "A payment for this merchant_order_id already exists",
+                f"payment {e.existing_payment_id} already exists for this order",
+                [FieldError("merchant_order_id", "duplicate", "already used by another payment")],
+                extra={"existing_payment_id": e.existing_payment_id},
+            ) from None
+
+    def _count(self, p: Payment) -> Payment:
+        if p.status in _FINAL_FOR_METRICS:
+            self.metrics.payments.labels(p.channel or "none", p.status.value).inc()
+        return p
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, merchant_id: str, payment_id: str) -> Payment:
+        p = await self.store.get_payment(payment_id)
+        if p is None or p.merchant_id != merchant_id:
+            # another merchant's payment is indistinguishable from a missing one
+            raise ProblemError(404, "payment_not_found", "No such payment", f"no payment {payment_id!r}")
+        return p
+
+    # ------------------------------------------------------------------ status query (pending -> final)
+
+    async def resolve_pending(self, payment: Payment) -> Payment:
+        """Ask the channel that was tried what became of a pending payment, and apply the answer."""
+        if payment.status is not Status.PENDING or not payment.attempts or payment.channel is None:
+            return payment
+        rt = self._runtime()
+        ch = rt.channels.get(payment.channel)
+        if ch is None:
+            return payment
+        last = payment.attempts[-1]
+        wire = ch.adapter.build_status(last.channel_key, last.channel_reference)
+        try:
+            resp = await ch.transport.send(wire)
+            result = ch.adapter.parse_status(resp)
+        except (ChannelUnavailable, OutcomeUnknown):
+            return payment
+        if result.outcome is Outcome.APPROVED:
+            status = Status.CAPTURED if (payment.capture or result.captured) else Status.AUTHORIZED
+        elif result.outcome is Outcome.HARD_DECLINE or result.outcome is Outcome.SOFT_DECLINE:
+            status = Status.DECLINED
+        elif result.outcome is Outcome.NOT_CHARGED:
+            status = Status.FAILED  # the channel says it never charged: safe to call it failed
+        else:
+            return payment
+        done = msgspec.structs.replace(
+            payment,
+            status=status,
+            channel_reference=result.channel_reference or payment.channel_reference,
+            captured_amount=payment.amount if status is Status.CAPTURED else 0,
+            decline=(
+                Decline(code=result.code or "declined", message=result.message or "declined",
+                        category=DeclineCategory.HARD, channel=payment.channel)
+                if status is Status.DECLINED else
+                Decline(code="not_charged", message="the channel has no charge for this attempt",
+                        category=DeclineCategory.SOFT, channel=payment.channel)
+                if status is Status.FAILED else None
+            ),
+            version=payment.version + 1,
+            updated_at=utcnow(),
+        )
+        await self.store.update_payment(done, payment.version, [event_for(done)])
+        return self._count(done)
+
+    # ------------------------------------------------------------------ capture / void / refund
+
+    async def capture(self, merchant_id: str, payment_id: str, amount: int | None) -> Payment:
+        async with self._lock(payment_id):
+            p = await self.get(merchant_id, payment_id)
+            if not can_transition(p.status, Status.CAPTURED) or p.status is not Status.AUTHORIZED:
+                raise IllegalTransition(p.status.value, "capture")
+            amt = p.amount if amount is None else amount
+            if amt > p.amount:
+                raise ProblemError(
+                    400, "invalid_request", "The request is invalid", "capture amount exceeds the authorized amount",
+                    [FieldError("amount", "amount_exceeds_authorized", f"at most {p.amount} may be captured")],
+                )
+            op = await self._operation(p, "capture", amt, f"{p.id}-capture")
+            if op.status != "succeeded":
+                return await self._record_op(p, op, None)
+            return await self._record_op(p, op, Status.CAPTURED, captured_amount=amt)
+
+    async def void(self, merchant_id: str, payment_id: str) -> Payment:
+        async with self._lock(payment_id):
+            p = await self.get(merchant_id, payment_id)
+            if not can_transition(p.status, Status.VOIDED):
+                raise IllegalTransition(p.status.value, "void")
+            op = await self._operation(p, "void", p.amount, f"{p.id}-void")
+            return await self._record_op(p, op, Status.VOIDED if op.status == "succeeded" else None)
+
+    async def refund(self, merchant_id: str, payment_id: str, amount: int | None, reason: str | None) -> Payment:
+        async with self._lock(payment_id):
+            p = await self.get(merchant_id, payment_id)
+            if p.status not in (Status.CAPTURED, Status.PARTIALLY_REFUNDED):
+                raise IllegalTransition(p.status.value, "refund")
+            # pending refunds count as spent: an unknown outcome may have moved the money
+            committed = sum(o.amount for o in p.operations if o.kind == "refund" and o.status in ("succeeded", "pending"))
+            remaining = p.captured_amount - committed
+            amt = remaining if amount is None else amount
+            if amt <= 0 or amt > remaining:
+                raise ProblemError(
+                    400, "invalid_request", "The request is invalid", "refunds may not exceed the captured amount",
+                    [FieldError("amount", "amount_exceeds_refundable", f"at most {max(remaining, 0)} may be refunded")],
+                )
+            n = sum(1 for o in p.operations if o.kind == "refund") + 1
+            op = await self._operation(p, "refund", amt, f"{p.id}-r{n}", reason)
+            if op.status != "succeeded":
+                return await self._record_op(p, op, None)
+            refunded = p.refunded_amount + amt
+            status = Status.REFUNDED if refunded >= p.captured_amount else Status.PARTIALLY_REFUNDED
+            return await self._record_op(p, op, status, refunded_amount=refunded)
+
+    def _lock(self, payment_id: str) -> _LockCtx:
+        return _LockCtx(self._op_locks, payment_id)
+
+    async def _operation(self, p: Payment, kind: str, amount: int, key: str, reason: str | None = None) -> Operation:
+        rt = self._runtime()
+        ch = rt.channels.get(p.channel or "")
+        if ch is None or p.channel_reference is None:
+            raise ProblemError(503, "channel_not_configured", "The payment's channel is not configured any more")
+        op = ChannelOperation(
+            kind=kind, payment_id=p.id, channel_reference=p.channel_reference, channel_key=key, amount=amount, currency=p.currency
+        )
+        wire = ch.adapter.build_operation(op)
+        deadline = self._clock() + rt.config.server.payment_deadline_ms / 1000
+        status, code, ref = "failed", None, None
+        try:
+            async with ch.breaker.guard():
+                result = await self._send(ch, wire, deadline, lambda r: ch.adapter.parse_operation(op, r), lambda: None)
+            code, ref = result.code, result.channel_reference
+            status = "succeeded" if result.outcome is Outcome.APPROVED else "failed"
+        except (BreakerOpen, ChannelUnavailable) as e:
+            self.metrics.operations.labels(ch.name, kind, "unavailable").inc()
+            raise ProblemError(
+                503, "channel_unavailable", f"The channel could not be reached to {kind}; nothing was changed",
+                extra={"retryable": True},
+            ) from e
+        except OutcomeUnknown as e:
+            status, code = "pending", e.code
+        self.metrics.operations.labels(ch.name, kind, status).inc()
+        return Operation(id=new_id(kind[:2] if kind != "refund" else "re"), kind=kind, amount=amount, status=status,
+                         channel_reference=ref, code=code, reason=reason)
+
+    async def _record_op(self, p: Payment, op: Operation, status: Status | None, **changes: int) -> Payment:
+        new_status = status or p.status
+        if status is not None and not can_transition(p.status, status):
+            raise IllegalTransition(p.status.value, op.kind)
+        updated = msgspec.structs.replace(
+            p, status=new_status, operations=[*p.operations, op], version=p.version + 1, updated_at=utcnow(), **changes
+        )
+        kind = None if status is not None else f"{op.kind}.{op.status}"
+        try:
+            await self.store.update_payment(updated, p.version, [event_for(updated, kind)])
+        except VersionConflict:
+            raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry") from None
+        if op.status == "failed":
+            raise ProblemError(
+                402, f"{op.kind}_declined", f"The channel declined the {op.kind}", op.code,
+                extra={"payment": payment_json(updated)},
+            )
+        return updated
+
+
+class _LockCtx:
+    """An in-process lock per payment for operations (an optimization: the version check is the truth)."""
+
+    def __init__(self, locks: dict[str, asyncio.Lock], key: str) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock = self._locks.get(self._key)
+        if lock is None:
+            lock = self._locks[self._key] = asyncio.Lock()
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock = self._locks[self._key]
+        lock.release()
+        if not lock.locked() and not getattr(lock, "_waiters", None):
+            del self._locks[self._key]
+
+

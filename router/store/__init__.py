@@ -1,0 +1,1 @@
+"""Durable record of payments, attempts, operations and outbox events."""

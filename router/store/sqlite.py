@@ -1,0 +1,436 @@
+"""`PaymentStore` on one SQLite file: the durable record of the single-node mode.
+
+Contract (on top of `router.store.base`):
+- Writes go to one writer thread that group-commits: it takes everything queued (up to `batch_max`),
+  runs it in one `BEGIN IMMEDIATE` transaction with each write in its own SAVEPOINT, commits, and only
+  then resolves the callers' futures. An awaited write is therefore durably committed (WAL,
+  `synchronous=FULL` by default). A write that fails on its own (`DuplicateOrder`, `VersionConflict`,
+  a constraint such as a reused outbox event id) is rolled back alone; any other error (disk full, lock
+  timeout, I/O) fails every write of that batch, and nothing of the batch is committed.
+- `update_payment` of an unknown payment id is a `VersionConflict` too (no row at `expected_version`).
+  `merchant_id` and `merchant_order_id` are immutable: updates never rewrite those columns.
+- Cancelling a caller does not retract its write: once enqueued it is committed or fails with its batch.
+- Reads run on a small pool of reader connections (WAL readers never wait for the writer).
+- No sqlite call ever runs on the event loop thread.
+- The schema comes from the numbered files in `migrations/sqlite/`, tracked by `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+import msgspec
+
+from router.errors import DuplicateOrder, VersionConflict
+from router.model import OutboxEvent, Payment, Status
+
+T = TypeVar("T")
+_Row = tuple[object, ...]
+
+_SYNCHRONOUS = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+_encode = msgspec.json.Encoder().encode
+_decode_payment = msgspec.json.Decoder(Payment).decode
+
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The packaged migrations, in order. Numbers must run 1..N without gaps."""
+    folder = resources.files("router.store") / "migrations" / "sqlite"
+    found = sorted(
+        (int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8"))
+        for f in folder.iterdir()
+        if f.name.endswith(".sql")
+    )
+    migrations = [Migration(*m) for m in found]
+    if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
+        raise RuntimeError(f"sqlite migrations are not numbered 1..N: {[m.name for m in migrations]}")
+    return migrations
+
+
+@dataclass
+class StoreStats:
+    """Counters the writer thread keeps (plain ints: readers on the loop thread may see them mid-batch)."""
+
+    transactions: int = 0  # batches attempted, committed or not
+    writes: int = 0  # writes taken by the writer
+    failed_writes: int = 0  # writes that ended in an exception
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Write:
+    payment_row: _Row  # insert: full row; update: SET values + (id, expected_version)
+    key: tuple[str, str, str]  # (id, merchant_id, merchant_order_id), to name the existing payment
+    expected_version: int | None  # None: insert
+    attempts: list[_Row]
+    operations: list[_Row]
+    outbox: list[_Row]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+_STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
+
+_INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
+    version, created_at, updated_at, doc) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"""
+_UPDATE_PAYMENT = """UPDATE payments SET status=?, amount=?, currency=?, version=?, updated_at=?, doc=?
+    WHERE id=? AND version=?"""
+_UPSERT_ATTEMPT = """INSERT INTO attempts (payment_id, seq, channel, outcome, code, latency_ms, channel_key,
+    channel_reference, started_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (payment_id, seq) DO UPDATE SET
+    channel=excluded.channel, outcome=excluded.outcome, code=excluded.code, latency_ms=excluded.latency_ms,
+    channel_key=excluded.channel_key, channel_reference=excluded.channel_reference,
+    started_at=excluded.started_at"""
+_UPSERT_OPERATION = """INSERT INTO operations (id, payment_id, kind, amount, status, channel_reference, code,
+    created_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET status=excluded.status,
+    channel_reference=excluded.channel_reference, code=excluded.code"""
+_INSERT_OUTBOX = """INSERT INTO outbox (id, merchant_id, payment_id, type, payload, created_at,
+    next_attempt_at) VALUES (?,?,?,?,?,?,?)"""
+
+
+def _ts(dt: datetime) -> str:
+    # Fixed width (always microseconds, always Z) so that text comparison is time comparison.
+    if dt.tzinfo is None:
+        raise ValueError(f"naive datetime {dt!r}: the store only takes aware UTC datetimes")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _split_statements(script: str) -> list[str]:
+    # executescript() would COMMIT first; splitting lets every migration run inside our transaction.
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    if pending.strip():
+        statements.append(pending)  # a trailing comment runs as a no-op; a truncated statement fails loudly
+    return statements
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_max: int = 256,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        readers: int = 2,
+        migrations: Sequence[Migration] | None = None,
+    ) -> None:
+        if synchronous.upper() not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, not {synchronous!r}")
+        if batch_max < 1 or readers < 1:
+            raise ValueError("batch_max and readers must be >= 1")
+        self.path = Path(path)
+        self.stats = StoreStats()
+        self._batch_max = batch_max
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._readers = readers
+        self._migrations = list(migrations) if migrations is not None else load_migrations()
+        self._state = "new"  # new -> running -> closed
+        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_conns_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"SqliteStore cannot start: it is {self._state}")
+        conn = await asyncio.to_thread(self._open_writer_connection)
+        self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="payroute-sqlite-read")
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(conn,), name="payroute-sqlite-write", daemon=True
+        )
+        self._writer.start()
+        self._state = "running"
+        try:
+            await self.ping()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Commit everything already queued, then stop the threads and close the connections."""
+        if self._state != "running":
+            return
+        self._state = "closed"  # from here on new writes are refused, so _STOP is the last item
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._shutdown_threads)
+
+    def _shutdown_threads(self) -> None:
+        assert self._writer is not None and self._reader_pool is not None
+        self._writer.join()
+        self._reader_pool.shutdown(wait=True)
+        with self._reader_conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: the module opens no implicit transactions; we issue BEGIN/COMMIT ourselves.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    def _open_writer_connection(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"{self.path}: cannot enable WAL (journal_mode is {mode})")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # The version is read under the write lock so two processes starting at once cannot both apply.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(self._migrations):
+                raise RuntimeError(
+                    f"{self.path} has schema version {current}, newer than this code "
+                    f"({len(self._migrations)}): refusing to run against it"
+                )
+            for migration in self._migrations[current:]:
+                for statement in _split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ writes
+
+    async def insert_payment(self, payment: Payment, events: Sequence[OutboxEvent] = ()) -> None:
+        row = (
+            payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
+            payment.amount, payment.currency, payment.version, _ts(payment.created_at),
+            _ts(payment.updated_at), _encode(payment),
+        )
+        await self._submit(payment, row, None, events)
+
+    async def update_payment(
+        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = ()
+    ) -> None:
+        if payment.version != expected_version + 1:
+            raise ValueError(
+                f"payment {payment.id}: version {payment.version} must be expected_version + 1 "
+                f"({expected_version + 1})"
+            )
+        row = (
+            payment.status.value, payment.amount, payment.currency, payment.version,
+            _ts(payment.updated_at), _encode(payment), payment.id, expected_version,
+        )
+        await self._submit(payment, row, expected_version, events)
+
+    async def _submit(
+        self, payment: Payment, row: _Row, expected_version: int | None, events: Sequence[OutboxEvent]
+    ) -> None:
+        if self._state != "running" or self._writer is None or not self._writer.is_alive():
+            raise RuntimeError(f"SqliteStore is {self._state} (or its writer thread died)")
+        # Rows are built here, on the caller, so a bad value (naive datetime) fails this write only.
+        loop = asyncio.get_running_loop()
+        write = _Write(
+            payment_row=row,
+            key=(payment.id, payment.merchant_id, payment.merchant_order_id),
+            expected_version=expected_version,
+            attempts=[
+                (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
+                 a.channel_reference, _ts(a.started_at))
+                for a in payment.attempts
+            ],
+            operations=[
+                (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, _ts(o.created_at))
+                for o in payment.operations
+            ],
+            outbox=[
+                (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
+                for e in events
+            ],
+            loop=loop,
+            future=loop.create_future(),
+        )
+        self._queue.put(write)  # unbounded SimpleQueue: never blocks the loop
+        await write.future
+
+    def _writer_main(self, conn: sqlite3.Connection) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch: list[_Write] = []
+                item = self._queue.get()  # wait for work; then take whatever else piled up meanwhile
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    assert isinstance(item, _Write)
+                    batch.append(item)
+                    if len(batch) >= self._batch_max:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._commit_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        outcomes: list[BaseException | None] = []
+        self.stats.transactions += 1
+        self.stats.writes += len(batch)
+        self.stats.batch_sizes[len(batch)] += 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                conn.execute("SAVEPOINT write")
+                try:
+                    self._apply(conn, write)
+                except (DuplicateOrder, VersionConflict, sqlite3.IntegrityError) as exc:
+                    # This write's own fault: undo just it; the rest of the batch still commits.
+                    conn.execute("ROLLBACK TO write")
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+                conn.execute("RELEASE write")
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - not swallowed: every caller of the batch receives it
+            # Disk full, I/O error, lock timeout, or our own bug: nothing of the batch is committed.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            outcomes = [exc] * len(batch)
+        self.stats.failed_writes += sum(o is not None for o in outcomes)
+        # Resolve only now, after COMMIT returned: one wake-up per event loop, not one per write.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for write, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(write.loop, []).append((write.future, outcome))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, settled)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, write: _Write) -> None:
+        payment_id, merchant_id, order_id = write.key
+        if write.expected_version is None:
+            if conn.execute(_INSERT_PAYMENT, write.payment_row).rowcount == 0:
+                # Looked up inside the same transaction, so the id named is the one that really won.
+                row = conn.execute(
+                    "SELECT id FROM payments WHERE merchant_id = ? AND merchant_order_id = ?",
+                    (merchant_id, order_id),
+                ).fetchone()
+                if row is None:
+                    raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
+                raise DuplicateOrder(row[0])
+        elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
+            raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
+        conn.executemany(_UPSERT_ATTEMPT, write.attempts)
+        conn.executemany(_UPSERT_OPERATION, write.operations)
+        conn.executemany(_INSERT_OUTBOX, write.outbox)
+
+    # ------------------------------------------------------------------ reads
+
+    async def ping(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            raise RuntimeError("SqliteStore writer thread is not running")
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def get_payment(self, payment_id: str) -> Payment | None:
+        return await self._read_payment("SELECT doc FROM payments WHERE id = ?", (payment_id,))
+
+    async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None:
+        return await self._read_payment(
+            "SELECT doc FROM payments WHERE merchant_id = ? AND merchant_order_id = ?",
+            (merchant_id, merchant_order_id),
+        )
+
+    async def list_by_status(
+        self, statuses: Sequence[Status], updated_before: datetime, limit: int = 100
+    ) -> list[Payment]:
+        """Oldest first, so a janitor working through them in pages makes progress."""
+        if not statuses:
+            return []
+        marks = ",".join("?" * len(statuses))
+        sql = (
+            f"SELECT doc FROM payments WHERE status IN ({marks}) AND updated_at < ? "
+            "ORDER BY updated_at, id LIMIT ?"
+        )
+        params = (*(Status(s).value for s in statuses), _ts(updated_before), limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [_decode_payment(row[0]) for row in rows]
+
+    async def outbox_events(self, payment_id: str) -> list[OutboxEvent]:
+        """In commit order (rowid), which is creation order for one payment's events."""
+        sql = (
+            "SELECT id, merchant_id, payment_id, type, payload, created_at FROM outbox "
+            "WHERE payment_id = ? ORDER BY rowid"
+        )
+        rows = await self._read(lambda conn: conn.execute(sql, (payment_id,)).fetchall())
+        return [
+            OutboxEvent(
+                id=r[0], merchant_id=r[1], payment_id=r[2], type=r[3], payload=bytes(r[4]),
+                created_at=datetime.fromisoformat(r[5]),
+            )
+            for r in rows
+        ]
+
+    async def _read_payment(self, sql: str, params: _Row) -> Payment | None:
+        row = await self._read(lambda conn: conn.execute(sql, params).fetchone())
+        return None if row is None else _decode_payment(row[0])
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._state != "running" or self._reader_pool is None:
+            raise RuntimeError(f"SqliteStore is {self._state}")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader_pool, self._on_reader, query)
+
+    def _on_reader(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        # One connection per reader thread, opened on first use; query_only guards against a stray write.
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = ON")
+            self._reader_local.conn = conn
+            with self._reader_conns_lock:
+                self._reader_conns.append(conn)
+        return query(conn)
+
+
+def _settle(settled: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # the caller was cancelled; its write still happened (or failed) regardless
+            continue
+        if outcome is None:
+            future.set_result(None)
+        else:
+            future.set_exception(outcome)

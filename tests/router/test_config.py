@@ -1,0 +1,100 @@
+"""Config loading: every shipped config loads; bad configs are rejected with precise paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.config import api_key_index, hash_api_key, load_config
+from router.errors import ConfigError
+from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES
+
+ROOT = Path(__file__).resolve().parents[2]
+KW = {"known_adapters": KNOWN_ADAPTERS, "known_policies": KNOWN_POLICIES}
+
+GOOD = """
+channels:
+  - {name: a, adapter: sandbox, base_url: "http://127.0.0.1:1", currencies: [USD]}
+merchants:
+  - {id: m1, api_keys: [{key: "${M1_KEY}"}]}
+"""
+
+
+@pytest.mark.parametrize("path", sorted([ROOT / "config/demo.yaml", *(ROOT / "config/examples").glob("*.yaml")]))
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path.read_text(), env={}, **KW)
+    assert cfg.channels and cfg.merchants
+
+
+def test_env_interpolation_and_hashed_keys() -> None:
+    cfg = load_config(GOOD, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
+    assert api_key_index(cfg) == {hash_api_key("sk_live_0123456789abcdef"): "m1"}
+
+
+def test_missing_env_var_is_reported() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(GOOD, env={}, **KW)
+    assert e.value.problems == [("${M1_KEY}", "environment variable is not set")]
+
+
+@pytest.mark.parametrize(
+    ("patch", "path"),
+    [
+        (("adapter: sandbox", "adapter: nope"), "$.channels[0].adapter"),
+        (("currencies: [USD]", "currencies: [XYZ]"), "$.channels[0].currencies[0]"),
+        (("currencies: [USD]", "currencies: USD"), "$.channels[0].currencies"),
+        (("name: a,", "name: A B,"), "$.channels[0].name"),
+        (('base_url: "http://127.0.0.1:1"', "base_url: ftp://x"), "$.channels[0].base_url"),
+        (("currencies: [USD]", "currencies: [USD], colour: red"), "$.channels[0]"),
+        (("id: m1", "id: 'bad id'"), "$.merchants[0].id"),
+    ],
+)
+def test_bad_config_names_the_path(patch: tuple[str, str], path: str) -> None:
+    text = GOOD.replace(*patch)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as e:
+        load_config(text, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
+    assert any(p == path or p.startswith(path) for p, _ in e.value.problems), e.value.problems
+
+
+def test_routing_must_name_known_channels_policies_and_merchants() -> None:
+    text = GOOD + """
+routing:
+  default: [{policy: priority, order: [a, ghost]}, {policy: fastest}]
+  merchants:
+    nobody: [{policy: currency}]
+"""
+    with pytest.raises(ConfigError) as e:
+        load_config(text, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
+    paths = {p for p, _ in e.value.problems}
+    assert paths == {"$.routing.default[0].order[1]", "$.routing.default[1].policy", "$.routing.merchants.nobody"}
+
+
+def test_duplicates_are_rejected() -> None:
+    text = """
+channels:
+  - {name: a, adapter: sandbox, base_url: "http://x"}
+  - {name: a, adapter: sandbox, base_url: "http://y"}
+merchants:
+  - {id: m1, api_keys: [{key: sk_test_aaaaaaaaaaaaaaaa}]}
+  - {id: m1, api_keys: [{key: sk_test_aaaaaaaaaaaaaaaa}]}
+"""
+    with pytest.raises(ConfigError) as e:
+        load_config(text, env={}, **KW)
+    paths = {p for p, _ in e.value.problems}
+    assert {"$.channels[1].name", "$.merchants[1].id", "$.merchants[1].api_keys[0]"} <= paths
+
+
+def test_config_check_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD.replace("${M1_KEY}", "sk_test_aaaaaaaaaaaaaaaa"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("adapter: sandbox", "adapter: nope"))
+    run = [sys.executable, "-m", "router.cli", "config", "check"]
+    ok = subprocess.run([*run, str(good)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    ko = subprocess.run([*run, str(bad)], capture_output=True, text=True, cwd=ROOT, env={"M1_KEY": "x" * 20, "PATH": ""})
+    assert ko.returncode == 2 and "$.channels[0].adapter: unknown adapter 'nope'" in ko.stderr
