@@ -30,6 +30,10 @@ class OutcomeUnknown(Exception):
         self.code = code
 
 
+class CallbackRejected(Exception):
+    """An inbound channel notification that does not verify (signature, timestamp, body)."""
+
+
 class IntegrationError(Exception):
     """The channel answered something impossible for its protocol (a bug on one side)."""
 

@@ -264,7 +264,11 @@ class ChannelAuthorize(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     exponent: int
     country: str
     capture: bool
-    card: Any  # SensitiveCard
+    card: Any  # SensitiveCard for method "card"; None for wallets
+    method: str = "card"  # card | alipay | wechatpay
+    wallet: dict[str, str] | None = None  # wallet flow parameters, e.g. {"flow": "native"} or {"flow": "jsapi", "openid": ...}
+    notify_url: str | None = None  # where the channel should send its callback (our /callbacks/{channel})
+    return_url: str | None = None  # where a redirect flow returns the customer
     description: str | None = None
 
 
@@ -284,6 +288,16 @@ class ChannelResult(msgspec.Struct, frozen=True, kw_only=True):
     message: str | None = None
     captured: bool = False
     next_action: dict[str, Any] | None = None
+
+
+class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified inbound channel notification, translated."""
+
+    event_id: str | None  # the channel's id for the notification (dedup), if it has one
+    reference: str | None  # our deterministic attempt reference, when the channel echoes it
+    channel_reference: str | None
+    result: ChannelResult
+    kind: str = "authorization"  # authorization | capture | void | refund
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -315,6 +329,12 @@ class ChannelAdapter(Protocol):
     def build_operation(self, op: ChannelOperation) -> WireRequest: ...
 
     def parse_operation(self, op: ChannelOperation, resp: WireResponse) -> ChannelResult: ...
+
+    def parse_callback(self, headers: Mapping[str, str], body: bytes) -> tuple[CallbackEvent, WireResponse]:
+        """Verify and translate an inbound notification; return it and the acknowledgement to answer.
+
+        Raises `CallbackRejected` when the signature or the body does not verify."""
+        ...
 
 
 # --------------------------------------------------------------------------- routing seam

@@ -19,8 +19,9 @@ import msgspec
 import orjson
 
 from adapters.sandbox.codes import classify
-from router.errors import ChannelUnavailable, OutcomeUnknown
+from router.errors import CallbackRejected, ChannelUnavailable, OutcomeUnknown
 from router.model import (
+    CallbackEvent,
     Capabilities,
     ChannelAuthorize,
     ChannelOperation,
@@ -161,6 +162,12 @@ class SandboxAdapter:
         if charge.status != want:
             raise OutcomeUnknown(f"{op.kind} answered status {charge.status}", code=charge.status)
         return ChannelResult(outcome=Outcome.APPROVED, channel_reference=charge.id, code=charge.status)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def parse_callback(self, headers: Mapping[str, str], body: bytes) -> tuple[CallbackEvent, WireResponse]:
+        """The sandbox does not send callbacks: every notification is rejected."""
+        raise CallbackRejected("the sandbox channel sends no callbacks")
 
     # ------------------------------------------------------------------ helpers
 

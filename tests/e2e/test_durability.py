@@ -26,12 +26,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, port: int, sbx_port: int) -> Path:
+def write_config(tmp: Path, port: int, sbx_port: int, script: str = "{latency_ms: 2, latency_jitter_ms: 2}") -> Path:
     cfg = f"""
 server: {{host: 127.0.0.1, port: {port}}}
 storage: {{mode: embedded, sqlite_path: {tmp / 'payroute.db'}}}
 sandbox:
-  - {{name: sbx, port: {sbx_port}, script: {{latency_ms: 2, latency_jitter_ms: 2}}}}
+  - {{name: sbx, port: {sbx_port}, script: {script}}}
 channels:
   - {{name: sbx, adapter: sandbox, base_url: "http://127.0.0.1:{sbx_port}"}}
 merchants:
@@ -106,3 +106,37 @@ async def test_acknowledged_payments_survive_kill_9(tmp_path: Path) -> None:
         assert rows[pid][0] == status
         assert orjson.loads(rows[pid][1])["status"] == status
         assert pid in events  # and its outbox event, from the same transaction
+
+
+async def test_sigterm_finishes_in_flight_payments_then_exits(tmp_path: Path) -> None:
+    port, sbx_port = free_port(), free_port()
+    config = write_config(tmp_path, port, sbx_port, script="{latency_ms: 1500}")
+    log = (tmp_path / "stderr.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(config)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base, proc)
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as c:
+            in_flight = asyncio.create_task(c.post("/v1/payments", json=payment_body(merchant_order_id="term-1")))
+            await asyncio.sleep(0.4)  # the payment is now waiting on the channel
+            proc.send_signal(signal.SIGTERM)
+            r = await in_flight
+            assert r.status_code == 201 and r.json()["status"] == "captured"
+            paid = r.json()["id"]
+            # no new connections once it has stopped listening
+            for _ in range(100):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    db = sqlite3.connect(tmp_path / "payroute.db")
+    assert db.execute("SELECT status FROM payments WHERE id = ?", (paid,)).fetchone() == ("captured",)
+    db.close()
