@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router import __version__
 from router.config import Config
-from router.errors import FieldError, ProblemError, invalid_request
+from router.errors import CallbackRejected, FieldError, ProblemError, invalid_request
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.logs import request_id
 from router.metrics import Metrics
@@ -240,6 +240,24 @@ def _operation_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Respo
     return handler
 
 
+async def channel_callback(request: web.Request) -> web.Response:
+    """Inbound channel notification: verify (the adapter), apply monotonically, acknowledge as the channel expects."""
+    name = request.match_info["channel"]
+    ch = request.app[RUNTIME].channels.get(name)
+    if ch is None:
+        raise ProblemError(404, "unknown_channel", "No such channel")
+    body = await request.read()
+    try:
+        event, ack = ch.adapter.parse_callback(dict(request.headers), body)
+    except CallbackRejected as e:
+        request.app[METRICS].callbacks.labels(name, "rejected").inc()
+        log.warning("channel callback rejected", extra={"channel": name, "reason": str(e)})
+        raise ProblemError(401, "callback_rejected", "The notification did not verify") from None
+    payment = await asyncio.shield(request.app[PIPELINE].apply_callback(name, event))
+    request.app[METRICS].callbacks.labels(name, "applied" if payment is not None else "unmatched").inc()
+    return web.Response(status=ack.status, body=ack.body, headers=ack.headers)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "version": __version__})
 
@@ -333,6 +351,7 @@ def create_app(
     r.add_post("/v1/payments/{id}/capture", _operation_handler("capture"))
     r.add_post("/v1/payments/{id}/void", _operation_handler("void"))
     r.add_post("/v1/payments/{id}/refunds", _operation_handler("refund"))
+    r.add_post("/callbacks/{channel}", channel_callback)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

@@ -122,6 +122,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     shutdown_grace_s: float = 15.0
     log_level: str = "INFO"
     access_log: bool = False
+    public_url: str | None = None  # how channels reach us: callbacks go to {public_url}/callbacks/{channel}
 
 
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

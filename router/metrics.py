@@ -41,4 +41,5 @@ class Metrics:
             "payroute_integration_errors", "Impossible answers from a channel (alert on any)", ["channel"], registry=r
         )
         self.compliance_blocks = Counter("payroute_compliance_blocks", "Payments refused by a compliance rule", ["rule"], registry=r)
+        self.callbacks = Counter("payroute_callbacks", "Inbound channel callbacks by result", ["channel", "result"], registry=r)
         self.idempotent_replays = Counter("payroute_idempotent_replays", "Responses replayed for a reused Idempotency-Key", registry=r)

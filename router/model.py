@@ -131,8 +131,9 @@ class SensitiveCard:
 
 
 class PaymentMethod(msgspec.Struct, frozen=True, kw_only=True):
-    type: str  # "card" (wallets come with their adapters)
+    type: str  # card | alipay | wechatpay
     card: CardSummary | None = None
+    wallet: dict[str, str] | None = None  # wallet flow: {"flow": "qr"} / {"flow": "jsapi", "openid": ...}
 
 
 class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -38,6 +38,7 @@ from router.errors import (
 from router.metrics import Metrics
 from router.model import (
     Attempt,
+    CallbackEvent,
     ChannelAuthorize,
     ChannelOperation,
     ChannelResult,
@@ -121,7 +122,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ authorize
 
-    async def create_payment(self, req: PaymentRequest, card: SensitiveCard, idempotency_key: str | None) -> Payment:
+    async def create_payment(
+        self, req: PaymentRequest, card: SensitiveCard | None, idempotency_key: str | None
+    ) -> Payment:
         rt = self._runtime()  # one config snapshot for the whole payment
         cfg = rt.config
         now = utcnow()
@@ -202,7 +205,7 @@ class Pipeline:
             ch = rt.channels[cand.name]
             if self._clock() >= deadline:
                 break
-            attempt, result = await self._attempt(ch, seq, payment, req, card, deadline)
+            attempt, result = await self._attempt(ch, seq, payment, req, card, deadline, cfg.server.public_url)
             attempts.append(attempt)
             outcome = attempt.outcome
             if outcome is Outcome.APPROVED and result is not None:
@@ -256,13 +259,22 @@ class Pipeline:
         return self._count(done)
 
     async def _attempt(
-        self, ch: ChannelRuntime, seq: int, payment: Payment, req: PaymentRequest, card: SensitiveCard, deadline: float
+        self,
+        ch: ChannelRuntime,
+        seq: int,
+        payment: Payment,
+        req: PaymentRequest,
+        card: SensitiveCard | None,
+        deadline: float,
+        public_url: str | None,
     ) -> tuple[Attempt, ChannelResult | None]:
         key = channel_key(payment.id, seq)
         wire = ch.adapter.build_authorize(
             ChannelAuthorize(
                 payment_id=payment.id, attempt=seq, channel_key=key, reference=key, amount=req.amount,
                 currency=req.currency, exponent=req.exponent, country=req.country, capture=req.capture, card=card,
+                method=req.payment_method.type, wallet=req.payment_method.wallet,
+                notify_url=f"{public_url.rstrip('/')}/callbacks/{ch.name}" if public_url else None,
                 description=req.description,
             )
         )
@@ -353,7 +365,7 @@ class Pipeline:
 
     async def resolve_pending(self, payment: Payment) -> Payment:
         """Ask the channel that was tried what became of a pending payment, and apply the answer."""
-        if payment.status is not Status.PENDING or not payment.attempts or payment.channel is None:
+        if payment.status not in (Status.PENDING, Status.REQUIRES_ACTION) or not payment.attempts or not payment.channel:
             return payment
         rt = self._runtime()
         ch = rt.channels.get(payment.channel)
@@ -366,19 +378,41 @@ class Pipeline:
             result = ch.adapter.parse_status(resp)
         except (ChannelUnavailable, OutcomeUnknown):
             return payment
+        return await self._settle(payment, result)
+
+    async def apply_callback(self, channel: str, event: CallbackEvent) -> Payment | None:
+        """Apply a verified channel notification. Late, repeated or out-of-order ones change nothing:
+        the state machine only moves forward, and a payment already settled stays as it is."""
+        payment_id = (event.reference or "").rpartition("-a")[0]
+        payment = await self.store.get_payment(payment_id) if payment_id else None
+        if payment is None or payment.channel not in (None, channel):
+            log.warning("callback for an unknown payment", extra={"channel": channel, "event_id": event.event_id})
+            return None
+        if event.kind != "authorization" or payment.status not in (Status.PENDING, Status.REQUIRES_ACTION):
+            return payment
+        try:
+            return await self._settle(payment, event.result)
+        except VersionConflict:
+            return await self.store.get_payment(payment.id)  # a concurrent settle won; that is the answer
+
+    async def _settle(self, payment: Payment, result: ChannelResult) -> Payment:
+        """Move a pending / requires_action payment to what the channel says became of it."""
         if result.outcome is Outcome.APPROVED:
             status = Status.CAPTURED if (payment.capture or result.captured) else Status.AUTHORIZED
-        elif result.outcome is Outcome.HARD_DECLINE or result.outcome is Outcome.SOFT_DECLINE:
+        elif result.outcome in (Outcome.HARD_DECLINE, Outcome.SOFT_DECLINE):
             status = Status.DECLINED
         elif result.outcome is Outcome.NOT_CHARGED:
             status = Status.FAILED  # the channel says it never charged: safe to call it failed
         else:
+            return payment
+        if not can_transition(payment.status, status):
             return payment
         done = msgspec.structs.replace(
             payment,
             status=status,
             channel_reference=result.channel_reference or payment.channel_reference,
             captured_amount=payment.amount if status is Status.CAPTURED else 0,
+            next_action=None,
             decline=(
                 Decline(code=result.code or "declined", message=result.message or "declined",
                         category=DeclineCategory.HARD, channel=payment.channel)

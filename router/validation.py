@@ -159,7 +159,10 @@ _TOP_LEVEL = frozenset(
         "metadata",
     }
 )
-_PAYMENT_METHOD_FIELDS = frozenset({"type", "card"})
+_PAYMENT_METHOD_FIELDS = frozenset({"type", "card", "flow", "openid"})
+# Wallet flows that wait for the customer (the payment answers `requires_action` with a QR code or a
+# redirect). The first flow of each wallet is its default.
+WALLET_FLOWS: Mapping[str, tuple[str, ...]] = {"alipay": ("qr",), "wechatpay": ("native", "jsapi")}
 _CARD_FIELDS = frozenset({"number", "exp_month", "exp_year", "cvc", "holder_name"})
 
 _PRINTABLE_ID = re.compile(r"[\x20-\x7e]{1,64}")
@@ -369,22 +372,47 @@ def _card(value: object, fingerprint_key: bytes, today: datetime.date, errs: _Er
     return SensitiveCard(number, cvc, exp_month, exp_year, holder_name, summary)
 
 
+def _wallet(kind: str, value: Mapping[object, object], errs: _Errors) -> dict[str, str] | None:
+    flows = WALLET_FLOWS[kind]
+    for key in value:
+        if key not in ("type", "flow", "openid"):
+            errs.add(f"payment_method.{_echo(key)}", "unknown_field", f"not a field of a {kind} payment method")
+    flow = value.get("flow", flows[0])
+    if flow not in flows:
+        errs.add("payment_method.flow", "unsupported_flow", f"{kind} supports: {', '.join(flows)}")
+        return None
+    wallet = {"flow": str(flow)}
+    openid = value.get("openid")
+    if flow == "jsapi":
+        if not isinstance(openid, str) or not _PRINTABLE_ID.fullmatch(openid):
+            errs.add("payment_method.openid", "invalid_openid", "the payer's openid (1-64 printable characters)")
+            return None
+        wallet["openid"] = openid
+    elif openid is not None:
+        errs.add("payment_method.openid", "unknown_field", "only the jsapi flow takes an openid")
+    return wallet
+
+
 def _payment_method(
     value: object, fingerprint_key: bytes, today: datetime.date, errs: _Errors
-) -> SensitiveCard | None:
+) -> SensitiveCard | PaymentMethod | None:
+    """A card (the sensitive part; its summary goes in the record) or a wallet `PaymentMethod`."""
     if value is None:
         errs.missing("payment_method")
         return None
     if not isinstance(value, dict):
         errs.add("payment_method", "invalid_payment_method", "must be an object")
         return None
-    errs.unknown(value, _PAYMENT_METHOD_FIELDS, "payment_method.")
     kind = value.get("type")
     if kind is None:
         errs.missing("payment_method.type")
         return None
+    if isinstance(kind, str) and kind in WALLET_FLOWS:
+        wallet = _wallet(kind, value, errs)
+        return PaymentMethod(type=kind, wallet=wallet) if wallet is not None else None
+    errs.unknown(value, frozenset({"type", "card"}), "payment_method.")
     if kind != "card":
-        errs.add("payment_method.type", "unsupported_payment_method", 'must be "card"')
+        errs.add("payment_method.type", "unsupported_payment_method", 'must be "card", "alipay" or "wechatpay"')
         return None
     return _card(value.get("card"), fingerprint_key, today, errs)
 
@@ -396,8 +424,10 @@ def validate_payment(
     fingerprint_key: bytes,
     limits: Limits,
     today: datetime.date,
-) -> tuple[PaymentRequest, SensitiveCard]:
-    """Validate a parsed `POST /v1/payments` body; raise `invalid_request` naming every bad field."""
+) -> tuple[PaymentRequest, SensitiveCard | None]:
+    """Validate a parsed `POST /v1/payments` body; raise `invalid_request` naming every bad field.
+
+    Returns the canonical request and, for cards, the sensitive card (None for wallets)."""
     if not isinstance(body, dict):
         raise invalid_request([FieldError("", "invalid_body", "the body must be a JSON object")])
     errs = _Errors()
@@ -411,7 +441,7 @@ def validate_payment(
     merchant_order_id = _identifier(
         body.get("merchant_order_id"), "merchant_order_id", "invalid_merchant_order_id", errs, required=True
     )
-    card = _payment_method(body.get("payment_method"), fingerprint_key, today, errs)
+    method = _payment_method(body.get("payment_method"), fingerprint_key, today, errs)
     description = _text(
         body.get("description"), "description", "invalid_description", limits.max_description_len, errs
     )
@@ -420,8 +450,9 @@ def validate_payment(
     )
     metadata = _metadata(body.get("metadata"), limits, errs)
     # Every helper that returns a placeholder has recorded an error, so only the first test fires.
-    if errs.items or card is None or merchant_order_id is None or not isinstance(capture, bool):
+    if errs.items or method is None or merchant_order_id is None or not isinstance(capture, bool):
         raise invalid_request(errs.items)
+    card = method if isinstance(method, SensitiveCard) else None
     request = PaymentRequest(
         merchant_id=merchant_id,
         merchant_order_id=merchant_order_id,
@@ -430,7 +461,7 @@ def validate_payment(
         exponent=exponent,
         country=country,
         capture=capture,
-        payment_method=PaymentMethod(type="card", card=card.summary),
+        payment_method=PaymentMethod(type="card", card=card.summary) if card else method,  # type: ignore[arg-type]
         description=description,
         customer_id=customer_id,
         metadata=metadata,

@@ -200,8 +200,8 @@ MALFORMED: list[tuple[str, object, list[tuple[str, str]]]] = [
         [("payment_method.type", "missing_field")],
     ),
     (
-        "pm-type-wallet",
-        body_with({"payment_method.type": "alipay"}),
+        "pm-type-unknown",
+        body_with({"payment_method.type": "bitcoin"}),
         [("payment_method.type", "unsupported_payment_method")],
     ),
     (
@@ -824,3 +824,35 @@ def test_random_digit_strings_never_leak(pan: str, cvc: str, amount: int, key_le
         encoded = msgspec.json.encode(request).decode()
         assert pan not in encoded
         assert repr(card).count(pan) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ({"type": "alipay"}, {"flow": "qr"}),
+        ({"type": "wechatpay"}, {"flow": "native"}),
+        ({"type": "wechatpay", "flow": "jsapi", "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"},
+         {"flow": "jsapi", "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"}),
+    ],
+)
+def test_wallets_carry_their_flow_and_no_card(method: dict[str, Any], expected: dict[str, str]) -> None:
+    body = {**good_body(), "payment_method": method, "currency": "CNY", "country": "CN"}
+    request, card = validate_payment(body, merchant_id="m", fingerprint_key=b"k", limits=Limits(), today=TODAY)
+    assert card is None
+    assert request.payment_method.type == method["type"] and request.payment_method.wallet == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "field", "code"),
+    [
+        ({"type": "alipay", "flow": "jsapi"}, "payment_method.flow", "unsupported_flow"),
+        ({"type": "wechatpay", "flow": "jsapi"}, "payment_method.openid", "invalid_openid"),
+        ({"type": "wechatpay", "openid": "x"}, "payment_method.openid", "unknown_field"),
+        ({"type": "alipay", "card": {}}, "payment_method.card", "unknown_field"),
+    ],
+)
+def test_bad_wallet_methods(method: dict[str, Any], field: str, code: str) -> None:
+    body = {**good_body(), "payment_method": method}
+    with pytest.raises(ProblemError) as e:
+        validate_payment(body, merchant_id="m", fingerprint_key=b"k", limits=Limits(), today=TODAY)
+    assert (field, code) in [(x.field, x.code) for x in e.value.errors]

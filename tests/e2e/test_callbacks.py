@@ -1,0 +1,64 @@
+"""Inbound callbacks: verified by the adapter, applied through the monotonic state machine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+from adapters.sandbox.adapter import SandboxAdapter
+from adapters.sandbox.server import Script
+from router.errors import CallbackRejected
+from router.model import CallbackEvent, ChannelResult, Outcome, WireResponse
+
+
+class SignedJsonAdapter(SandboxAdapter):
+    """The sandbox adapter plus a toy callback format: {"reference", "outcome"} signed by a header."""
+
+    def parse_callback(self, headers: Mapping[str, str], body: bytes) -> tuple[CallbackEvent, WireResponse]:
+        if headers.get("X-Signature") != "good":
+            raise CallbackRejected("bad signature")
+        doc = orjson.loads(body)
+        event = CallbackEvent(event_id=doc["id"], reference=doc["reference"], channel_reference=None,
+                              result=ChannelResult(outcome=Outcome(doc["outcome"]), code=doc.get("code")))
+        return event, WireResponse(status=200, headers={"Content-Type": "text/plain"}, body=b"success")
+
+
+async def test_callback_settles_pending_once_and_never_moves_back(sandbox, payroute) -> None:
+    a = await sandbox("a", Script(failure="error_after"))
+    pr = await payroute({"a": a})
+    pr.runtime.channels["a"].adapter = SignedJsonAdapter({})
+    p = (await pr.pay(merchant_order_id="cb-1")).json()
+    assert p["status"] == "pending"
+    ref = f"{p['id']}-a1"
+    approved = orjson.dumps({"id": "evt-1", "reference": ref, "outcome": "approved"})
+
+    bad = await pr.client.post("/callbacks/a", content=approved, headers={"X-Signature": "forged"})
+    assert bad.status_code == 401 and bad.json()["code"] == "callback_rejected"
+    assert (await pr.client.get(f"/v1/payments/{p['id']}")).json()["status"] == "pending"
+
+    ok = await pr.client.post("/callbacks/a", content=approved, headers={"X-Signature": "good"})
+    assert ok.status_code == 200 and ok.content == b"success"
+    after = (await pr.client.get(f"/v1/payments/{p['id']}")).json()
+    assert after["status"] == "captured" and after["version"] == 3
+
+    again = await pr.client.post("/callbacks/a", content=approved, headers={"X-Signature": "good"})
+    assert again.status_code == 200
+    late_decline = orjson.dumps({"id": "evt-0", "reference": ref, "outcome": "hard_decline", "code": "do_not_honor"})
+    assert (await pr.client.post("/callbacks/a", content=late_decline, headers={"X-Signature": "good"})).status_code == 200
+    final = (await pr.client.get(f"/v1/payments/{p['id']}")).json()
+    assert final["status"] == "captured" and final["version"] == 3  # duplicates and late events change nothing
+    events = await pr.pipeline.store.outbox_events(p["id"])
+    assert [e.type for e in events] == ["payment.pending", "payment.captured"]
+
+
+async def test_callback_for_unknown_channel_or_payment(sandbox, payroute) -> None:
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    pr.runtime.channels["a"].adapter = SignedJsonAdapter({})
+    r = await pr.client.post("/callbacks/nope", content=b"{}")
+    assert r.status_code == 404
+    body = orjson.dumps({"id": "e", "reference": "pay_missing-a1", "outcome": "approved"})
+    r = await pr.client.post("/callbacks/a", content=body, headers={"X-Signature": "good"})
+    assert r.status_code == 200  # acknowledged so the channel stops retrying; counted as unmatched
+    assert 'payroute_callbacks_total{channel="a",result="unmatched"} 1.0' in (await pr.client.get("/metrics")).text
