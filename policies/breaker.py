@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from policies.base import NoParams, PolicyEnv
 from router.model import Candidate, RouteContext
 
 
@@ -15,5 +13,5 @@ class BreakerFilter:
         return tuple(c for c in candidates if not c.breaker_open)
 
 
-def breaker(params: Mapping[str, Any]) -> BreakerFilter:
+def breaker(params: NoParams, env: PolicyEnv) -> BreakerFilter:
     return BreakerFilter()

@@ -5,9 +5,7 @@ Each keeps the candidates whose capabilities admit the payment (None in a capabi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from policies.base import NoParams, PolicyEnv
 from router.model import Candidate, RouteContext
 
 
@@ -36,13 +34,13 @@ class MethodFilter:
         return tuple(c for c in candidates if ctx.method in c.capabilities.methods)
 
 
-def currency(params: Mapping[str, Any]) -> CurrencyFilter:
+def currency(params: NoParams, env: PolicyEnv) -> CurrencyFilter:
     return CurrencyFilter()
 
 
-def country(params: Mapping[str, Any]) -> CountryFilter:
+def country(params: NoParams, env: PolicyEnv) -> CountryFilter:
     return CountryFilter()
 
 
-def method(params: Mapping[str, Any]) -> MethodFilter:
+def method(params: NoParams, env: PolicyEnv) -> MethodFilter:
     return MethodFilter()

@@ -7,10 +7,17 @@ A ranker returns a permutation: nothing is added or dropped here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
+import msgspec
+
+from policies.base import PolicyEnv
 from router.model import Candidate, RouteContext
+
+
+class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    order: list[str] = msgspec.field(default_factory=list)  # these first, in this order
+    fallback: list[str] = msgspec.field(default_factory=list)  # then these
 
 
 class PriorityRanker:
@@ -27,5 +34,11 @@ class PriorityRanker:
         return tuple(sorted(candidates, key=lambda c: (self._rank.get(c.name, big), c.priority, c.name)))
 
 
-def priority(params: Mapping[str, Any]) -> PriorityRanker:
-    return PriorityRanker(params.get("order") or (), params.get("fallback") or ())
+def build(params: Params, env: PolicyEnv) -> PriorityRanker:
+    return PriorityRanker(params.order, params.fallback)
+
+
+def channel_refs(params: Params) -> Iterable[tuple[str, str]]:
+    for field in ("order", "fallback"):
+        for i, name in enumerate(getattr(params, field)):
+            yield f".{field}[{i}]", name

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +55,21 @@ class ChannelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_connections: int = 100
 
 
-class PolicyStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One step of a chain: `policy` names a filter or ranker; the rest are its parameters."""
-
-    policy: str
-    order: list[str] | None = None  # priority: explicit channel order
-    fallback: list[str] | None = None  # priority: channels appended when `order` leaves none
+# One step of a chain: `{policy: NAME, ...params}`. The params are typed and checked by the policy's
+# own Params struct (policies/registry.py); here a step is kept as the mapping the YAML gave.
+PolicyStep = dict[str, Any]
+# Checks one step's params: (params, known channel names) -> [(path relative to the step, message)].
+PolicyValidator = Callable[[Mapping[str, Any], frozenset[str]], list[tuple[str, str]]]
 
 
 class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     default: list[PolicyStep] = msgspec.field(
         default_factory=lambda: [
-            PolicyStep(policy="currency"),
-            PolicyStep(policy="country"),
-            PolicyStep(policy="method"),
-            PolicyStep(policy="breaker"),
-            PolicyStep(policy="priority"),
+            {"policy": "currency"},
+            {"policy": "country"},
+            {"policy": "method"},
+            {"policy": "breaker"},
+            {"policy": "priority"},
         ]
     )
     merchants: dict[str, list[PolicyStep]] = msgspec.field(default_factory=dict)
@@ -192,7 +191,7 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     known_adapters: frozenset[str] = frozenset(),
-    known_policies: frozenset[str] = frozenset(),
+    known_policies: Mapping[str, PolicyValidator] | None = None,
 ) -> Config:
     """Parse, interpolate, decode and cross-check. Raises ConfigError with every problem found."""
     text, missing = interpolate(text, os.environ if env is None else env)
@@ -223,7 +222,7 @@ def load_config_file(path: str | Path, **kw: Any) -> Config:
 
 
 def check(
-    cfg: Config, *, known_adapters: frozenset[str], known_policies: frozenset[str]
+    cfg: Config, *, known_adapters: frozenset[str], known_policies: Mapping[str, PolicyValidator] | None
 ) -> list[tuple[str, str]]:
     """Semantic checks msgspec's types cannot express."""
     from router.validation import currency_exponent  # local: validation imports pycountry/babel
@@ -276,12 +275,19 @@ def check(
             add((path, "a chain needs at least one policy"))
         for k, step in enumerate(chain):
             sp = f"{path}[{k}]"
-            if known_policies and step.policy not in known_policies:
-                add((f"{sp}.policy", f"unknown policy {step.policy!r}; known: {', '.join(sorted(known_policies))}"))
-            for field in ("order", "fallback"):
-                for m, name in enumerate(getattr(step, field) or []):
-                    if name not in names:
-                        add((f"{sp}.{field}[{m}]", f"unknown channel {name!r}"))
+            name = step.get("policy")
+            if not isinstance(name, str):
+                add((f"{sp}.policy", "each step needs `policy: NAME`"))
+                continue
+            if known_policies is None:
+                continue
+            validator = known_policies.get(name)
+            if validator is None:
+                add((f"{sp}.policy", f"unknown policy {name!r}; known: {', '.join(sorted(known_policies))}"))
+                continue
+            params = {key: v for key, v in step.items() if key != "policy"}
+            for rel, msg in validator(params, frozenset(names)):
+                add((f"{sp}{rel}" if rel.startswith(("[", ".")) else f"{sp}.{rel}", msg))
 
     check_chain("$.routing.default", cfg.routing.default)
     merchant_ids = {m.id for m in cfg.merchants}

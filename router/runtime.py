@@ -18,7 +18,7 @@ from router.model import Candidate, Capabilities, ChannelAdapter
 from router.transport import ChannelTransport, RetryBudget
 
 KNOWN_ADAPTERS = frozenset(adapter_registry.ADAPTERS)
-KNOWN_POLICIES = frozenset(policy_registry.POLICIES)
+KNOWN_POLICIES = policy_registry.VALIDATORS
 
 
 class ChannelRuntime:
@@ -45,7 +45,7 @@ class ChannelRuntime:
 
 
 def _chain(name: str, steps: list[PolicyStep]) -> Chain:
-    return Chain(name, [policy_registry.build(s.policy, msgspec.structs.asdict(s)) for s in steps])
+    return Chain(name, [policy_registry.build(s["policy"], {k: v for k, v in s.items() if k != "policy"}) for s in steps])
 
 
 class Runtime:
