@@ -24,22 +24,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router import __version__
-from router.config import Config
-from router.errors import CallbackRejected, FieldError, ProblemError, invalid_request
+from router.config import Config, load_config_file, restart_only_changes
+from router.errors import CallbackRejected, ConfigError, FieldError, ProblemError, invalid_request
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.logs import request_id
 from router.metrics import Metrics
 from router.model import Payment
 from router.openapi import OPENAPI
 from router.pipeline import Pipeline, new_id, payment_json
-from router.runtime import Runtime
+from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES, Runtime, RuntimeHolder
 from router.store.base import PaymentStore
 from router.validation import Limits, validate_payment
 
 log = logging.getLogger("payroute.app")
 
 PROBLEM = "application/problem+json"
-RUNTIME = web.AppKey("runtime", Runtime)
+RUNTIME = web.AppKey("runtime", RuntimeHolder)
 STORE = web.AppKey("store", PaymentStore)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
@@ -105,7 +105,7 @@ def authenticate(request: web.Request) -> str:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise ProblemError(401, "unauthenticated", "An API key is required", "send Authorization: Bearer <API key>")
-    merchant = request.app[RUNTIME].api_keys.get(hashlib.sha256(key.strip().encode()).hexdigest())
+    merchant = request.app[RUNTIME].current.api_keys.get(hashlib.sha256(key.strip().encode()).hexdigest())
     if merchant is None:
         raise ProblemError(401, "invalid_api_key", "The API key is not valid")
     return merchant
@@ -142,7 +142,7 @@ async def idempotent(
     key = idempotency_key(request)
     if key is None:
         return await run()
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     store = request.app[IDEMPOTENCY]
     # keyed: the parameters include card data, so a plain hash would be brute-forceable
     material = request.method.encode() + b" " + request.path.encode() + b"\n" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
@@ -196,7 +196,7 @@ def _amount_param(body: Any, *, required: bool) -> int | None:
 async def create_payment(request: web.Request) -> web.Response:
     merchant = authenticate(request)
     body = await read_json(request)
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     limits = Limits(max_amount=rt.config.server.max_amount)
     req, card = validate_payment(
         body, merchant_id=merchant, fingerprint_key=rt.fingerprint_key, limits=limits, today=datetime.now(UTC).date()
@@ -243,7 +243,7 @@ def _operation_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Respo
 async def channel_callback(request: web.Request) -> web.Response:
     """Inbound channel notification: verify (the adapter), apply monotonically, acknowledge as the channel expects."""
     name = request.match_info["channel"]
-    ch = request.app[RUNTIME].channels.get(name)
+    ch = request.app[RUNTIME].current.channels.get(name)
     if ch is None:
         raise ProblemError(404, "unknown_channel", "No such channel")
     body = await request.read()
@@ -258,6 +258,54 @@ async def channel_callback(request: web.Request) -> web.Response:
     return web.Response(status=ack.status, body=ack.body, headers=ack.headers)
 
 
+def authenticate_admin(request: web.Request) -> None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    tokens = request.app[RUNTIME].current.admin_tokens
+    if scheme.lower() != "bearer" or hashlib.sha256(token.strip().encode()).hexdigest() not in tokens:
+        raise ProblemError(401, "unauthenticated", "An admin token is required")
+
+
+async def reload_config(app: web.Application) -> dict[str, object]:
+    """Load the config file again and swap it in atomically; on any problem keep the running config."""
+    path = app[STATE].get("config_path")
+    if path is None:
+        raise ProblemError(409, "no_config_file", "payroute was started without --config: nothing to reload")
+    holder = app[RUNTIME]
+    old = holder.current
+    try:
+        cfg = load_config_file(path, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+    except ConfigError as e:
+        log.warning("config reload rejected", extra={"problems": [f"{p}: {m}" for p, m in e.problems]})
+        raise ProblemError(
+            422, "config_rejected", "The new config was rejected; the running config is unchanged",
+            extra={"problems": [{"path": p, "message": m} for p, m in e.problems], "config_version": old.version},
+        ) from None
+    overrides = app[STATE].get("server_overrides") or {}
+    if overrides:  # --host/--port given at start stay in force
+        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+    restart = restart_only_changes(old.config, cfg)
+    if restart:
+        raise ProblemError(
+            422, "config_needs_restart", "These settings change only with a restart; the running config is unchanged",
+            extra={"problems": [{"path": f"$.{p}", "message": "needs a restart"} for p in restart],
+                   "config_version": old.version},
+        )
+    new = await holder.swap(cfg)
+    log.warning("config reloaded", extra={"previous": old.version, "config_version": new.version})
+    return {"config_version": new.version, "previous_version": old.version}
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    authenticate_admin(request)
+    return json_response(await reload_config(request.app))
+
+
+async def admin_config(request: web.Request) -> web.Response:
+    authenticate_admin(request)
+    rt = request.app[RUNTIME].current
+    return json_response({"config_version": rt.version, "channels": list(rt.channels), "breakers": rt.breaker_states()})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "version": __version__})
 
@@ -269,13 +317,13 @@ async def readyz(request: web.Request) -> web.Response:
         await request.app[STORE].ping()
     except Exception as e:  # noqa: BLE001 - readiness reports any store failure as not ready
         raise ProblemError(503, "store_unavailable", "The durable store is not reachable", type(e).__name__) from None
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     return json_response({"status": "ready", "config_version": rt.version, "breakers": rt.breaker_states()})
 
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    for name, state in request.app[RUNTIME].breaker_states().items():
+    for name, state in request.app[RUNTIME].current.breaker_states().items():
         m.breaker_state.labels(name).set(state)
     resp = web.Response(body=generate_latest(m.registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -297,9 +345,18 @@ def build_store(cfg: Config) -> PaymentStore:
     return SqliteStore(Path(cfg.storage.sqlite_path), synchronous=cfg.storage.synchronous)
 
 
+async def _reload_logged(app: web.Application) -> None:
+    try:
+        await reload_config(app)
+    except ProblemError:
+        pass  # already logged; the running config stays
+
+
 def create_app(
     cfg: Config,
     *,
+    config_path: str | None = None,
+    server_overrides: dict[str, Any] | None = None,
     store: PaymentStore | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> web.Application:
@@ -311,12 +368,11 @@ def create_app(
     def on_breaker(channel: str, state: str) -> None:
         log.warning("breaker state changed", extra={"channel": channel, "state": state})
 
-    runtime = Runtime(cfg, on_breaker)
-    app[RUNTIME] = runtime
+    app[RUNTIME] = RuntimeHolder(Runtime(cfg, on_breaker), on_breaker)
     the_store = store or build_store(cfg)
     app[STORE] = the_store
     app[IDEMPOTENCY] = MemoryIdempotencyStore()
-    app[PIPELINE] = Pipeline(lambda: app[RUNTIME], the_store, m, sleep=sleep)
+    app[PIPELINE] = Pipeline(lambda: app[RUNTIME].current, the_store, m, sleep=sleep)
 
     async def sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
         running = []
@@ -335,12 +391,31 @@ def create_app(
         await the_store.close()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-        await app[RUNTIME].start()
+        await app[RUNTIME].current.start()
         yield
         await app[RUNTIME].close()
 
     async def on_shutdown(app: web.Application) -> None:
         app[STATE]["stopping"] = True
+
+    async def on_startup(app: web.Application) -> None:
+        if config_path is None:
+            return
+        import signal
+
+        def on_sighup() -> None:
+            task = asyncio.get_running_loop().create_task(_reload_logged(app))
+            app[STATE].setdefault("tasks", set()).add(task)
+            task.add_done_callback(app[STATE]["tasks"].discard)
+
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests): the endpoint still works
+            pass
+
+    app[STATE]["config_path"] = config_path
+    app[STATE]["server_overrides"] = server_overrides
+    app.on_startup.append(on_startup)
 
     app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx])
     app.on_shutdown.append(on_shutdown)
@@ -352,6 +427,8 @@ def create_app(
     r.add_post("/v1/payments/{id}/void", _operation_handler("void"))
     r.add_post("/v1/payments/{id}/refunds", _operation_handler("refund"))
     r.add_post("/callbacks/{channel}", channel_callback)
+    r.add_post("/admin/v1/config/reload", admin_reload)
+    r.add_get("/admin/v1/config", admin_config)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

@@ -50,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     cfg = msgspec.structs.replace(cfg, server=server)
     setup_logging(cfg.server.log_level)
-    app = create_app(cfg)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    app = create_app(cfg, config_path=args.config, server_overrides=overrides)
     base = f"http://{server.host}:{server.port}"
     print(f"payroute listening on {base} (config {args.config or 'demo'}, version {cfg.digest})", flush=True)
     if args.config is None:
@@ -111,6 +112,53 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route_explain(args: argparse.Namespace) -> int:
+    """Dry-run a routing decision: no channel is called, nothing is stored."""
+    import orjson
+
+    from router.errors import ProblemError
+    from router.model import RouteContext
+    from router.runtime import Runtime
+    from router.validation import Limits, validate_payment
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        return _fail_config(e, args.config)
+    raw = Path(args.request[1:]).read_bytes() if args.request.startswith("@") else args.request.encode()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        print(f"--request is not JSON: {e}", file=sys.stderr)
+        return 2
+    merchant = args.merchant or (cfg.merchants[0].id if cfg.merchants else "none")
+    rt = Runtime(cfg)
+    from datetime import UTC, datetime
+
+    try:
+        req, _card = validate_payment(body, merchant_id=merchant, fingerprint_key=rt.fingerprint_key,
+                                      limits=Limits(max_amount=cfg.server.max_amount), today=datetime.now(UTC).date())
+    except ProblemError as p:
+        print(orjson.dumps(p.body(), option=orjson.OPT_INDENT_2).decode())
+        return 1
+    out: dict[str, object] = {"merchant": merchant, "config_version": rt.version}
+    rule = rt.blocked.get(req.country)
+    if rule is not None:
+        out.update(blocked_by=rule.id, plan=[])
+    else:
+        chain = rt.chain_for(merchant)
+        ctx = RouteContext(payment_id=args.payment_id, merchant_id=merchant, amount=req.amount, currency=req.currency,
+                           country=req.country, method=req.payment_method.type,
+                           card_bin=req.payment_method.card.bin if req.payment_method.card else None,
+                           card_brand=req.payment_method.card.brand if req.payment_method.card else None,
+                           metadata=req.metadata)
+        plan, removed, trace = chain.explain(ctx, rt.candidates())
+        out.update(chain=chain.name, candidates=list(rt.channels), plan=[c.name for c in plan], removed=removed,
+                   steps=[{"policy": t.policy, "output": list(t.output)} for t in trace])
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="payroute", description="payroute: one payment endpoint, many channels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--config", help="YAML config file with a sandbox: section (default: the demo config)")
     sb.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     sb.set_defaults(func=cmd_sandbox)
+    r = sub.add_parser("route", help="routing tools")
+    rsub = r.add_subparsers(dest="route_command", required=True)
+    ex = rsub.add_parser("explain", help="dry-run a routing decision (no channel is called)", description=(
+        "Show which channels a payment would be routed to and what each policy of the chain did. "
+        "Nothing is sent to any channel and nothing is stored. Breakers are taken as closed."))
+    ex.add_argument("--config", required=True, help="YAML config file")
+    ex.add_argument("--request", required=True, help="the POST /v1/payments body as JSON, or @FILE")
+    ex.add_argument("--merchant", help="merchant id (default: the first merchant in the config)")
+    ex.add_argument("--payment-id", default="pay_explain", help="seed for sticky weighted choices (default pay_explain)")
+    ex.set_defaults(func=cmd_route_explain)
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file", description=(

@@ -53,6 +53,7 @@ class ChannelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     breaker: BreakerSettings = BreakerSettings()
     retry: RetrySettings = RetrySettings()
     max_connections: int = 100
+    fees: dict[str, Any] | None = None  # fee schedule per currency (see policies/cost.py), used by the cost ranker
 
 
 # One step of a chain: `{policy: NAME, ...params}`. The params are typed and checked by the policy's
@@ -100,8 +101,14 @@ class BlockRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     reason: str = "sanctioned region"
 
 
+class Licence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    countries: list[str] | None = None  # None: not restricted
+    currencies: list[str] | None = None
+
+
 class ComplianceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     blocked: list[BlockRule] = msgspec.field(default_factory=list)
+    licences: dict[str, Licence] = msgspec.field(default_factory=dict)  # channel name -> where it may operate
 
 
 class StorageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -136,8 +143,14 @@ class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     script: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Bearer tokens for /admin/v1 (governance with roles and two-person approval comes later).
+    tokens: list[ApiKey] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     version: str = "1"
+    admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
@@ -322,6 +335,15 @@ def check(
         for k, hook in enumerate(m.webhooks):
             if not hook.url.startswith(("http://", "https://")):
                 add((f"{p}.webhooks[{k}].url", "must be an http(s) URL"))
+    for ch_name, lic in cfg.compliance.licences.items():
+        if ch_name not in names:
+            add((f"$.compliance.licences.{ch_name}", f"unknown channel {ch_name!r}"))
+        for j, cc in enumerate(lic.countries or []):
+            if not _is_country(cc):
+                add((f"$.compliance.licences.{ch_name}.countries[{j}]", f"{cc!r} is not an ISO 3166-1 alpha-2 country"))
+        for j, cur in enumerate(lic.currencies or []):
+            if currency_exponent(cur) is None:
+                add((f"$.compliance.licences.{ch_name}.currencies[{j}]", f"{cur!r} is not an ISO 4217 currency"))
     for i, rule in enumerate(cfg.compliance.blocked):
         for j, cc in enumerate(rule.countries):
             if not _is_country(cc):
@@ -342,3 +364,24 @@ def api_key_index(cfg: Config) -> dict[str, str]:
         for key in m.api_keys:
             index[key.sha256 or hash_api_key(key.key or "")] = m.id
     return index
+
+
+def admin_token_index(cfg: Config) -> frozenset[str]:
+    return frozenset(t.sha256 or hash_api_key(t.key or "") for t in cfg.admin.tokens)
+
+
+RESTART_ONLY = ("storage", "server.host", "server.port", "security")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Settings a running process cannot swap (they need a restart)."""
+    changed = []
+    if old.storage != new.storage:
+        changed.append("storage")
+    if (old.server.host, old.server.port) != (new.server.host, new.server.port):
+        changed.append("server.host/port")
+    if old.security != new.security:
+        changed.append("security")
+    if old.sandbox != new.sandbox:
+        changed.append("sandbox")
+    return changed

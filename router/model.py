@@ -187,6 +187,11 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime = msgspec.field(default_factory=utcnow)
 
 
+class RouteStep(msgspec.Struct, frozen=True, kw_only=True):
+    policy: str
+    output: list[str]  # the candidates after this step, in order
+
+
 class RoutingDecision(msgspec.Struct, frozen=True, kw_only=True):
     """Why the payment went where it went."""
 
@@ -195,6 +200,7 @@ class RoutingDecision(msgspec.Struct, frozen=True, kw_only=True):
     candidates: list[str]  # every configured channel considered
     plan: list[str]  # the ordered attempt plan after filters and rankers
     removed: dict[str, str] = msgspec.field(default_factory=dict)  # channel -> policy that removed it
+    steps: list[RouteStep] = msgspec.field(default_factory=list)  # what each policy of the chain output
     blocked_by: str | None = None  # compliance rule id when refused before routing
 
 
@@ -350,6 +356,9 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 100
     weight: int = 1
     breaker_open: bool = False
+    fees: Any = None  # the channel's fee schedule as configured (decoded by policies/cost.py)
+    licensed_countries: frozenset[str] | None = None  # compliance licences: None = not restricted
+    licensed_currencies: frozenset[str] | None = None
 
 
 class RouteContext(msgspec.Struct, frozen=True, kw_only=True):

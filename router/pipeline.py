@@ -50,6 +50,7 @@ from router.model import (
     Payment,
     PaymentRequest,
     RouteContext,
+    RouteStep,
     RoutingDecision,
     SensitiveCard,
     Status,
@@ -177,9 +178,10 @@ class Pipeline:
             card_brand=card_summary.brand if card_summary else None,
             metadata=req.metadata,
         )
-        plan, removed = chain.run(ctx, rt.candidates())
+        plan, removed, trace = chain.explain(ctx, rt.candidates())
         decision = RoutingDecision(
-            chain=chain.name, config_version=rt.version, candidates=all_names, plan=[c.name for c in plan], removed=removed
+            chain=chain.name, config_version=rt.version, candidates=all_names, plan=[c.name for c in plan],
+            removed=removed, steps=[RouteStep(policy=t.policy, output=list(t.output)) for t in trace],
         )
         payment = msgspec.structs.replace(payment, routing=decision)
         if not plan:

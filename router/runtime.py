@@ -5,6 +5,7 @@ future config swap never changes a payment midway.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -13,7 +14,7 @@ from adapters import registry as adapter_registry
 from policies import registry as policy_registry
 from policies.base import Chain
 from router.breaker import STATE_VALUE, ChannelBreaker
-from router.config import BlockRule, ChannelConfig, Config, PolicyStep, api_key_index
+from router.config import BlockRule, ChannelConfig, Config, PolicyStep, admin_token_index, api_key_index
 from router.model import Candidate, Capabilities, ChannelAdapter
 from router.transport import ChannelTransport, RetryBudget
 
@@ -22,7 +23,12 @@ KNOWN_POLICIES = policy_registry.VALIDATORS
 
 
 class ChannelRuntime:
-    def __init__(self, cfg: ChannelConfig, on_breaker_change: Callable[[str, str], None] | None) -> None:
+    def __init__(
+        self,
+        cfg: ChannelConfig,
+        on_breaker_change: Callable[[str, str], None] | None,
+        licences: tuple[frozenset[str] | None, frozenset[str] | None] = (None, None),
+    ) -> None:
         self.config = cfg
         self.name = cfg.name
         caps = Capabilities(
@@ -34,9 +40,10 @@ class ChannelRuntime:
         self.transport = ChannelTransport(cfg)
         self.breaker = ChannelBreaker(cfg.name, cfg.breaker, on_breaker_change)
         self.budget = RetryBudget()
+        self.licences = licences
         self._static = Candidate(
             name=cfg.name, adapter=cfg.adapter, capabilities=self.adapter.capabilities(), priority=cfg.priority,
-            weight=cfg.weight,
+            weight=cfg.weight, fees=cfg.fees, licensed_countries=licences[0], licensed_currencies=licences[1],
         )
         self._open = msgspec.structs.replace(self._static, breaker_open=True)
 
@@ -48,14 +55,37 @@ def _chain(name: str, steps: list[PolicyStep]) -> Chain:
     return Chain(name, [policy_registry.build(s["policy"], {k: v for k, v in s.items() if k != "policy"}) for s in steps])
 
 
+def _licences(cfg: Config, channel: str) -> tuple[frozenset[str] | None, frozenset[str] | None]:
+    lic = cfg.compliance.licences.get(channel)
+    if lic is None:
+        return None, None
+    return (
+        frozenset(lic.countries) if lic.countries is not None else None,
+        frozenset(lic.currencies) if lic.currencies is not None else None,
+    )
+
+
 class Runtime:
-    def __init__(self, cfg: Config, on_breaker_change: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        on_breaker_change: Callable[[str, str], None] | None = None,
+        previous: Runtime | None = None,
+    ) -> None:
         self.config = cfg
         self.version = cfg.digest
-        self.channels: dict[str, ChannelRuntime] = {c.name: ChannelRuntime(c, on_breaker_change) for c in cfg.channels}
+        self.channels: dict[str, ChannelRuntime] = {}
+        for c in cfg.channels:
+            old = previous.channels.get(c.name) if previous else None
+            licences = _licences(cfg, c.name)
+            if old is not None and old.config == c and old.licences == licences:
+                self.channels[c.name] = old  # unchanged: keep its breaker state and connection pool
+            else:
+                self.channels[c.name] = ChannelRuntime(c, on_breaker_change, licences)
         self.default_chain = _chain("default", cfg.routing.default)
         self.merchant_chains = {m: _chain(f"merchant:{m}", steps) for m, steps in cfg.routing.merchants.items()}
         self.api_keys: Mapping[str, str] = api_key_index(cfg)
+        self.admin_tokens = admin_token_index(cfg)
         self.blocked: dict[str, BlockRule] = {}
         for rule in cfg.compliance.blocked:
             for cc in rule.countries:
@@ -70,11 +100,50 @@ class Runtime:
 
     async def start(self) -> None:
         for ch in self.channels.values():
-            await ch.transport.start()
+            if not ch.transport.started:
+                await ch.transport.start()
 
-    async def close(self) -> None:
+    async def close(self, keep: Runtime | None = None) -> None:
+        """Close the channel transports, except those `keep` still uses."""
+        kept = {id(ch) for ch in keep.channels.values()} if keep else set()
         for ch in self.channels.values():
-            await ch.transport.close()
+            if id(ch) not in kept:
+                await ch.transport.close()
 
     def breaker_states(self) -> dict[str, int]:
         return {name: STATE_VALUE.get(ch.breaker.state, 0) for name, ch in self.channels.items()}
+
+
+class RuntimeHolder:
+    """The live runtime, swapped atomically on reload.
+
+    Each payment takes `current` once and keeps that snapshot to the end, so a reload never changes a
+    payment midway. A retired runtime's changed channels are closed only after the longest a payment
+    can take (its deadline), so in-flight calls finish on the connections they started with.
+    """
+
+    def __init__(self, runtime: Runtime, on_breaker_change: Callable[[str, str], None] | None = None) -> None:
+        self.current = runtime
+        self._on_breaker_change = on_breaker_change
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def swap(self, cfg: Config) -> Runtime:
+        old = self.current
+        new = Runtime(cfg, self._on_breaker_change, previous=old)
+        await new.start()
+        self.current = new  # the atomic part: one reference assignment on the event loop
+        grace = old.config.server.payment_deadline_ms / 1000 + 5
+        task = asyncio.create_task(self._retire(old, new, grace))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return new
+
+    @staticmethod
+    async def _retire(old: Runtime, new: Runtime, grace: float) -> None:
+        await asyncio.sleep(grace)
+        await old.close(keep=new)
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await self.current.close()

@@ -50,6 +50,10 @@ class ChannelTransport:
             headers={"User-Agent": "payroute/0.1"},
         )
 
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

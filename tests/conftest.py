@@ -53,7 +53,7 @@ class Payroute:
 
     @property
     def runtime(self) -> Any:
-        return self.app[RUNTIME]
+        return self.app[RUNTIME].current
 
     @property
     def metrics(self) -> Any:

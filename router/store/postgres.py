@@ -1,0 +1,362 @@
+"""`PaymentStore` on PostgreSQL (asyncpg): the durable record of the scale-out mode.
+
+Contract (on top of `router.store.base`, with the same semantics as `SqliteStore`):
+- Every write is one transaction on a pooled connection: the payment row, its attempts and
+  operations, and its outbox events. An awaited write has committed. A write that fails on its own
+  (`DuplicateOrder`, `VersionConflict`, a constraint such as a reused outbox event id, which surfaces
+  as `asyncpg.UniqueViolationError`) rolls back entirely and affects no other write.
+- No client-side batching: each write is its own short transaction touching one payment, so writes
+  of different payments never wait on each other or deadlock, and PostgreSQL already shares WAL
+  flushes between concurrent commits. `batch_max` is accepted for configuration parity only.
+- `update_payment` of an unknown payment id is a `VersionConflict` (no row at `expected_version`).
+  `merchant_id` and `merchant_order_id` are immutable: updates never rewrite those columns.
+- Fail closed, fast: connecting, acquiring a pooled connection and every statement are bounded by a
+  timeout. Anything that means "the database cannot be reached" (refused or lost connection,
+  timeout, shutdown, too many connections) is raised as `StoreUnavailable`, from every method. A
+  write that raises it may or may not have committed (the connection can drop during COMMIT): read
+  the payment back before deciding; re-inserting is safe, it answers `DuplicateOrder`.
+- The schema comes from the numbered files in `migrations/postgres/`, applied in order inside one
+  transaction under `pg_advisory_xact_lock`, so instances starting together apply each one once;
+  they are recorded in `schema_migrations (version, name, applied_at)`. A database that records a
+  migration this code does not know is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any, NamedTuple
+
+import asyncpg
+import msgspec
+
+from router.errors import DuplicateOrder, VersionConflict
+from router.model import OutboxEvent, Payment, Status
+
+_encode = msgspec.json.Encoder().encode
+_decode_payment = msgspec.json.Decoder(Payment).decode
+
+# "payroute" in ASCII: the advisory lock that serialises schema migrations across instances.
+MIGRATION_LOCK_KEY = 0x7061_7972_6F75_7465
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached (or did not answer in time): fail closed, do not guess."""
+
+
+# Errors that say nothing about the write itself, only that the database is not serving us.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The packaged migrations, in order. Numbers must run 1..N without gaps."""
+    folder = resources.files("router.store") / "migrations" / "postgres"
+    found = sorted(
+        (int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8"))
+        for f in folder.iterdir()
+        if f.name.endswith(".sql")
+    )
+    migrations = [Migration(*m) for m in found]
+    if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
+        raise RuntimeError(f"postgres migrations are not numbered 1..N: {[m.name for m in migrations]}")
+    return migrations
+
+
+_CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+_INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
+    version, created_at, updated_at, doc) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
+    ON CONFLICT (merchant_id, merchant_order_id) DO NOTHING RETURNING 1"""
+_UPDATE_PAYMENT = """UPDATE payments SET status=$1, amount=$2, currency=$3, version=$4, updated_at=$5, doc=$6
+    WHERE id=$7 AND version=$8"""
+_UPSERT_ATTEMPT = """INSERT INTO attempts (payment_id, seq, channel, outcome, code, latency_ms, channel_key,
+    channel_reference, started_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) ON CONFLICT (payment_id, seq) DO UPDATE
+    SET channel=excluded.channel, outcome=excluded.outcome, code=excluded.code,
+    latency_ms=excluded.latency_ms, channel_key=excluded.channel_key,
+    channel_reference=excluded.channel_reference, started_at=excluded.started_at"""
+_UPSERT_OPERATION = """INSERT INTO operations (id, payment_id, kind, amount, status, channel_reference, code,
+    created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (id) DO UPDATE SET status=excluded.status,
+    channel_reference=excluded.channel_reference, code=excluded.code"""
+_INSERT_OUTBOX = """INSERT INTO outbox (id, merchant_id, payment_id, type, payload, created_at,
+    next_attempt_at) VALUES ($1,$2,$3,$4,$5,$6,$7)"""
+
+
+def _ts(dt: datetime) -> datetime:
+    # asyncpg would read a naive datetime as UTC; refuse it, as SqliteStore does, rather than guess.
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"naive datetime {dt!r}: the store only takes aware UTC datetimes")
+    return dt
+
+
+def _rowcount(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "UPDATE 1".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        command_timeout_s: float = 5.0,
+        batch_max: int = 256,
+        connect_timeout_s: float = 5.0,
+        migrate_timeout_s: float = 300.0,
+        migrations: Sequence[Migration] | None = None,
+    ) -> None:
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
+        if min(command_timeout_s, connect_timeout_s, migrate_timeout_s) <= 0:
+            raise ValueError("timeouts must be > 0: an unbounded wait would not fail closed")
+        if batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+        self.dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout_s = command_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        # Waiting for another instance's migrations, or building an index, may outlast a query.
+        self._migrate_timeout_s = migrate_timeout_s
+        # Waiting for a pooled connection covers a reconnect (connect timeout) plus queueing behind
+        # other writes (a few statements each); bounded all the same.
+        self._acquire_timeout_s = connect_timeout_s + command_timeout_s
+        self._migrations = list(migrations) if migrations is not None else load_migrations()
+        self._state = "new"  # new -> running -> closed
+        self._pool: Any = None  # asyncpg.Pool (asyncpg ships no type information)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"PostgresStore cannot start: it is {self._state}")
+        self._state = "running"
+        try:
+            async with _unavailable_as("cannot start"):
+                self._pool = await asyncio.wait_for(
+                    asyncpg.create_pool(
+                        self.dsn,
+                        min_size=self._min_size,
+                        max_size=self._max_size,
+                        command_timeout=self._command_timeout_s,
+                        timeout=self._connect_timeout_s,
+                        server_settings={"application_name": "payroute"},
+                    ),
+                    # create_pool opens min_size connections one after another.
+                    timeout=self._connect_timeout_s * max(1, self._min_size) + self._command_timeout_s,
+                )
+            async with self._connection() as conn:
+                await self._migrate(conn)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Let writes in flight finish (bounded), then close every connection."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self._acquire_timeout_s)
+        except _UNREACHABLE:
+            pool.terminate()
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            # Held until this transaction ends: a second instance starting now waits, then sees our work.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY, timeout=self._migrate_timeout_s
+            )
+            await conn.execute(_CREATE_MIGRATIONS_TABLE)
+            applied = {
+                r["version"]: r["name"]
+                for r in await conn.fetch("SELECT version, name FROM schema_migrations")
+            }
+            known = {m.version: m.name for m in self._migrations}
+            unknown = sorted(v for v in applied if known.get(v) != applied[v])
+            if unknown:
+                raise RuntimeError(
+                    f"the database records migrations this code does not have "
+                    f"{[(v, applied[v]) for v in unknown]}: it is newer (or diverged); refusing to run"
+                )
+            for migration in self._migrations:
+                if migration.version in applied:
+                    continue
+                # No arguments: the simple query protocol, which runs a file of several statements.
+                await conn.execute(migration.sql, timeout=self._migrate_timeout_s)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        if self._state != "running" or self._pool is None:
+            raise RuntimeError(f"PostgresStore is {self._state}")
+        async with _unavailable_as("unreachable"):
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                yield conn
+
+    # ------------------------------------------------------------------ writes
+
+    async def insert_payment(self, payment: Payment, events: Sequence[OutboxEvent] = ()) -> None:
+        row = (
+            payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
+            payment.amount, payment.currency, payment.version, _ts(payment.created_at),
+            _ts(payment.updated_at), _encode(payment),
+        )  # fmt: skip
+        children = _children(payment, events)  # built first: a bad value fails before any I/O
+        async with self._connection() as conn, conn.transaction():
+            if await conn.fetchval(_INSERT_PAYMENT, *row) is None:
+                # Read inside the same transaction, after the conflicting insert committed (READ
+                # COMMITTED sees it), so the id named is the one that really won.
+                existing = await conn.fetchval(
+                    "SELECT id FROM payments WHERE merchant_id = $1 AND merchant_order_id = $2",
+                    payment.merchant_id,
+                    payment.merchant_order_id,
+                )
+                if existing is None:  # cannot happen without deletes; never report a wrong id
+                    raise RuntimeError(f"payment {payment.id}: order conflict without a conflicting row")
+                raise DuplicateOrder(str(existing))
+            await _write_children(conn, children)
+
+    async def update_payment(
+        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = ()
+    ) -> None:
+        if payment.version != expected_version + 1:
+            raise ValueError(
+                f"payment {payment.id}: version {payment.version} must be expected_version + 1 "
+                f"({expected_version + 1})"
+            )
+        row = (
+            payment.status.value, payment.amount, payment.currency, payment.version,
+            _ts(payment.updated_at), _encode(payment), payment.id, expected_version,
+        )  # fmt: skip
+        children = _children(payment, events)
+        async with self._connection() as conn, conn.transaction():
+            # A concurrent update of the same row makes this wait for it, then re-check the version
+            # on the committed row: the loser updates 0 rows.
+            if _rowcount(await conn.execute(_UPDATE_PAYMENT, *row)) == 0:
+                raise VersionConflict(f"payment {payment.id} is no longer at version {expected_version}")
+            await _write_children(conn, children)
+
+    # ------------------------------------------------------------------ reads
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def get_payment(self, payment_id: str) -> Payment | None:
+        return await self._read_payment("SELECT doc FROM payments WHERE id = $1", payment_id)
+
+    async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None:
+        return await self._read_payment(
+            "SELECT doc FROM payments WHERE merchant_id = $1 AND merchant_order_id = $2",
+            merchant_id,
+            merchant_order_id,
+        )
+
+    async def list_by_status(
+        self, statuses: Sequence[Status], updated_before: datetime, limit: int = 100
+    ) -> list[Payment]:
+        """Oldest first, so a janitor working through them in pages makes progress."""
+        if not statuses:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT doc FROM payments WHERE status = ANY($1::text[]) AND updated_at < $2 "
+                "ORDER BY updated_at, id LIMIT $3",
+                [Status(s).value for s in statuses],
+                _ts(updated_before),
+                limit,
+            )
+        return [_decode_payment(r["doc"]) for r in rows]
+
+    async def outbox_events(self, payment_id: str) -> list[OutboxEvent]:
+        """In creation order (`seq`), which is commit order for one payment's events."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, merchant_id, payment_id, type, payload, created_at FROM outbox "
+                "WHERE payment_id = $1 ORDER BY seq",
+                payment_id,
+            )
+        return [
+            OutboxEvent(
+                id=r["id"], merchant_id=r["merchant_id"], payment_id=r["payment_id"], type=r["type"],
+                payload=bytes(r["payload"]), created_at=r["created_at"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def _read_payment(self, sql: str, *params: object) -> Payment | None:
+        async with self._connection() as conn:
+            doc = await conn.fetchval(sql, *params)
+        return None if doc is None else _decode_payment(doc)
+
+
+class _Children(NamedTuple):
+    attempts: list[tuple[object, ...]]
+    operations: list[tuple[object, ...]]
+    outbox: list[tuple[object, ...]]
+
+
+def _children(payment: Payment, events: Sequence[OutboxEvent]) -> _Children:
+    return _Children(
+        attempts=[
+            (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
+             a.channel_reference, _ts(a.started_at))
+            for a in payment.attempts
+        ],
+        operations=[
+            (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, _ts(o.created_at))
+            for o in payment.operations
+        ],
+        outbox=[
+            (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
+            for e in events
+        ],
+    )  # fmt: skip
+
+
+async def _write_children(conn: Any, children: _Children) -> None:
+    for sql, rows in (
+        (_UPSERT_ATTEMPT, children.attempts),
+        (_UPSERT_OPERATION, children.operations),
+        (_INSERT_OUTBOX, children.outbox),
+    ):
+        if rows:
+            await conn.executemany(sql, rows)
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_as(what: str) -> AsyncIterator[None]:
+    """The one place driver errors meaning "no database" become `StoreUnavailable`."""
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        raise StoreUnavailable(f"PostgreSQL {what}: {type(exc).__name__}: {exc}") from exc
