@@ -9,6 +9,7 @@ recorded. Every error a client sees is `application/problem+json` with a machine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -27,6 +28,7 @@ from router import __version__
 from router.config import Config, load_config_file, restart_only_changes
 from router.errors import CallbackRejected, ConfigError, FieldError, ProblemError, invalid_request
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
+from router.janitor import Janitor
 from router.logs import request_id
 from router.metrics import Metrics
 from router.model import Payment
@@ -395,6 +397,16 @@ def create_app(
         yield
         await app[RUNTIME].close()
 
+    async def janitor_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = None
+        if cfg.janitor.enabled:
+            task = asyncio.create_task(Janitor(app[PIPELINE], m, cfg.janitor).run_forever())
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def on_shutdown(app: web.Application) -> None:
         app[STATE]["stopping"] = True
 
@@ -417,7 +429,7 @@ def create_app(
     app[STATE]["server_overrides"] = server_overrides
     app.on_startup.append(on_startup)
 
-    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx])
+    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, janitor_ctx])
     app.on_shutdown.append(on_shutdown)
 
     r = app.router

@@ -143,6 +143,16 @@ class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     script: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class JanitorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    interval_s: float = 5.0
+    min_age_s: float = 60.0  # must exceed server.payment_deadline_ms: live payments are never touched
+    max_age_s: float = 24 * 3600.0
+    action_expiry_s: float = 2 * 3600.0
+    backoff_max_s: float = 600.0
+    page: int = 200
+
+
 class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Bearer tokens for /admin/v1 (governance with roles and two-person approval comes later).
     tokens: list[ApiKey] = msgspec.field(default_factory=list)
@@ -151,6 +161,7 @@ class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     version: str = "1"
     admin: AdminConfig = AdminConfig()
+    janitor: JanitorSettings = JanitorSettings()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
@@ -206,16 +217,33 @@ def load_config(
     known_adapters: frozenset[str] = frozenset(),
     known_policies: Mapping[str, PolicyValidator] | None = None,
 ) -> Config:
-    """Parse, interpolate, decode and cross-check. Raises ConfigError with every problem found."""
-    text, missing = interpolate(text, os.environ if env is None else env)
-    if missing:
-        raise ConfigError(missing)
+    """Parse, interpolate, decode and cross-check. Raises ConfigError with every problem found.
+
+    `${VAR}` is substituted inside string values after parsing: comments are left alone, and a value
+    stays a string whatever the variable holds (an all-digit app id does not become a number)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([("$", f"not valid YAML: {e}")]) from None
     if raw is None:
         raw = {}
+    missing: list[tuple[str, str]] = []
+    environ = os.environ if env is None else env
+
+    def subst(node: Any, path: str) -> Any:
+        if isinstance(node, str):
+            value, miss = interpolate(node, environ)
+            missing.extend((f"{path} ({name})", msg) for name, msg in miss)
+            return value
+        if isinstance(node, dict):
+            return {k: subst(v, f"{path}.{k}") for k, v in node.items()}
+        if isinstance(node, list):
+            return [subst(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    raw = subst(raw, "$")
+    if missing:
+        raise ConfigError(missing)
     try:
         cfg = msgspec.convert(raw, Config, str_keys=True)
     except msgspec.ValidationError as e:
@@ -252,6 +280,8 @@ def check(
         add(("$.server.max_amount", "must be positive"))
     if cfg.server.payment_deadline_ms <= 0:
         add(("$.server.payment_deadline_ms", "must be positive"))
+    if cfg.janitor.min_age_s * 1000 <= cfg.server.payment_deadline_ms:
+        add(("$.janitor.min_age_s", "must exceed server.payment_deadline_ms, or the janitor could race live payments"))
     names: set[str] = set()
     for i, ch in enumerate(cfg.channels):
         p = f"$.channels[{i}]"

@@ -42,4 +42,8 @@ class Metrics:
         )
         self.compliance_blocks = Counter("payroute_compliance_blocks", "Payments refused by a compliance rule", ["rule"], registry=r)
         self.callbacks = Counter("payroute_callbacks", "Inbound channel callbacks by result", ["channel", "result"], registry=r)
+        self.recoveries = Counter(
+            "payroute_recoveries", "Payments the janitor settled, by from/to status", ["from_status", "to_status"], registry=r
+        )
+        self.manual_reviews = Counter("payroute_manual_reviews", "Payments moved to manual review (alert on any)", registry=r)
         self.idempotent_replays = Counter("payroute_idempotent_replays", "Responses replayed for a reused Idempotency-Key", registry=r)

@@ -35,6 +35,7 @@ class Status(enum.StrEnum):
     VOIDED = "voided"
     PARTIALLY_REFUNDED = "partially_refunded"
     REFUNDED = "refunded"
+    MANUAL_REVIEW = "manual_review"  # the janitor could not settle it in time: an operator decides
 
 
 TERMINAL = frozenset({Status.DECLINED, Status.FAILED, Status.VOIDED, Status.REFUNDED})
@@ -49,10 +50,16 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
             Status.FAILED,
             Status.PENDING,
             Status.REQUIRES_ACTION,
+            Status.MANUAL_REVIEW,
         }
     ),
-    Status.PENDING: frozenset({Status.AUTHORIZED, Status.CAPTURED, Status.DECLINED, Status.FAILED}),
-    Status.REQUIRES_ACTION: frozenset({Status.AUTHORIZED, Status.CAPTURED, Status.DECLINED, Status.FAILED}),
+    Status.PENDING: frozenset(
+        {Status.AUTHORIZED, Status.CAPTURED, Status.DECLINED, Status.FAILED, Status.MANUAL_REVIEW}
+    ),
+    Status.REQUIRES_ACTION: frozenset(
+        {Status.AUTHORIZED, Status.CAPTURED, Status.DECLINED, Status.FAILED, Status.MANUAL_REVIEW}
+    ),
+    Status.MANUAL_REVIEW: frozenset({Status.AUTHORIZED, Status.CAPTURED, Status.DECLINED, Status.FAILED}),
     Status.AUTHORIZED: frozenset({Status.CAPTURED, Status.VOIDED}),
     Status.CAPTURED: frozenset({Status.PARTIALLY_REFUNDED, Status.REFUNDED}),
     Status.PARTIALLY_REFUNDED: frozenset({Status.PARTIALLY_REFUNDED, Status.REFUNDED}),
@@ -284,8 +291,10 @@ class ChannelOperation(msgspec.Struct, frozen=True, kw_only=True):
     payment_id: str
     channel_reference: str
     channel_key: str
-    amount: int
+    amount: int  # of this operation, minor units
     currency: str
+    exponent: int = 2  # ISO 4217 minor-unit digits of `currency`
+    payment_amount: int = 0  # the payment's authorized amount (some channels want the order total on refunds)
 
 
 class ChannelResult(msgspec.Struct, frozen=True, kw_only=True):

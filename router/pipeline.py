@@ -60,6 +60,7 @@ from router.model import (
 )
 from router.runtime import ChannelRuntime, Runtime
 from router.store.base import PaymentStore
+from router.validation import currency_exponent
 
 log = logging.getLogger("payroute.pipeline")
 
@@ -257,7 +258,15 @@ class Pipeline:
             version=payment.version + 1,
             updated_at=utcnow(),
         )
-        await self.store.update_payment(done, payment.version, [event_for(done)])
+        try:
+            await self.store.update_payment(done, payment.version, [event_for(done)])
+        except VersionConflict:
+            # the janitor settled it first (only possible past the deadline): the record is the truth
+            current = await self.store.get_payment(payment.id)
+            if current is None:
+                raise
+            log.error("payment settled elsewhere while in flight", extra={"payment_id": payment.id})
+            return current
         return self._count(done)
 
     async def _attempt(
@@ -271,15 +280,22 @@ class Pipeline:
         public_url: str | None,
     ) -> tuple[Attempt, ChannelResult | None]:
         key = channel_key(payment.id, seq)
-        wire = ch.adapter.build_authorize(
-            ChannelAuthorize(
+        try:
+            wire = self._build_authorize(ch, ChannelAuthorize(
                 payment_id=payment.id, attempt=seq, channel_key=key, reference=key, amount=req.amount,
                 currency=req.currency, exponent=req.exponent, country=req.country, capture=req.capture, card=card,
                 method=req.payment_method.type, wallet=req.payment_method.wallet,
                 notify_url=f"{public_url.rstrip('/')}/callbacks/{ch.name}" if public_url else None,
                 description=req.description,
-            )
-        )
+            ))
+        except IntegrationError as e:
+            # the adapter cannot express this payment for its channel: nothing was sent, try the next
+            self.metrics.integration_errors.labels(ch.name).inc()
+            log.error("adapter could not build the request", extra={"channel": ch.name, "reason": str(e)})
+            attempt = Attempt(seq=seq, channel=ch.name, outcome=Outcome.UNAVAILABLE, code="unsupported_request",
+                              latency_ms=0.0, channel_key=key)
+            self.metrics.attempts.labels(ch.name, attempt.outcome.value).inc()
+            return attempt, None
         started = utcnow()
         t0 = self._clock()
         retries = 0
@@ -312,6 +328,13 @@ class Pipeline:
             channel_reference=result.channel_reference if result else None, retries=retries, started_at=started,
         )
         return attempt, result
+
+    @staticmethod
+    def _build_authorize(ch: ChannelRuntime, req: ChannelAuthorize) -> WireRequest:
+        try:
+            return ch.adapter.build_authorize(req)
+        except (ValueError, KeyError, TypeError) as e:  # an adapter's refusal, typed or not
+            raise IntegrationError(f"{type(e).__name__}: {e}") from None
 
     async def _send(
         self,
@@ -367,20 +390,123 @@ class Pipeline:
 
     async def resolve_pending(self, payment: Payment) -> Payment:
         """Ask the channel that was tried what became of a pending payment, and apply the answer."""
-        if payment.status not in (Status.PENDING, Status.REQUIRES_ACTION) or not payment.attempts or not payment.channel:
+        if payment.status not in (Status.PENDING, Status.REQUIRES_ACTION, Status.MANUAL_REVIEW) or not payment.attempts \
+                or not payment.channel:
             return payment
         rt = self._runtime()
         ch = rt.channels.get(payment.channel)
         if ch is None:
             return payment
         last = payment.attempts[-1]
-        wire = ch.adapter.build_status(last.channel_key, last.channel_reference)
         try:
-            resp = await ch.transport.send(wire)
+            resp = await ch.transport.send(ch.adapter.build_status(last.channel_key, last.channel_reference))
             result = ch.adapter.parse_status(resp)
         except (ChannelUnavailable, OutcomeUnknown):
             return payment
         return await self._settle(payment, result)
+
+    async def recover(self, payment: Payment) -> Payment:
+        """Settle a payment that a crash or a timeout left in flight, by asking the channels.
+
+        `processing` (a crash between recording and finishing): every channel of the recorded plan is
+        asked, in plan order, about the attempt's deterministic reference. The first that has the
+        payment decides it (a soft decline moves on, as the live run would have); when every one says
+        "not charged", nothing was charged and the payment fails. `pending` / `requires_action`: the
+        channel that was tried is asked. When any channel cannot answer yet, nothing changes.
+        """
+        if payment.status is not Status.PROCESSING:
+            return await self.resolve_pending(payment)
+        rt = self._runtime()
+        plan = payment.routing.plan if payment.routing else []
+        attempts: list[Attempt] = []
+        last_soft: Attempt | None = None
+        for seq, name in enumerate(plan, start=1):
+            ch = rt.channels.get(name)
+            if ch is None:
+                return payment  # its channel is gone from the config: leave it to an operator
+            key = channel_key(payment.id, seq)
+            t0 = self._clock()
+            try:
+                resp = await ch.transport.send(ch.adapter.build_status(key, None))
+                result = ch.adapter.parse_status(resp)
+            except (ChannelUnavailable, OutcomeUnknown):
+                return payment  # cannot tell yet: ask again later
+            attempt = Attempt(seq=seq, channel=name, outcome=result.outcome, code=result.code,
+                              latency_ms=(self._clock() - t0) * 1000, channel_key=key,
+                              channel_reference=result.channel_reference)
+            attempts.append(attempt)
+            if result.outcome in (Outcome.NOT_CHARGED, Outcome.SOFT_DECLINE):
+                last_soft = attempt if result.outcome is Outcome.SOFT_DECLINE else last_soft
+                continue
+            if result.outcome is Outcome.APPROVED:
+                status = Status.CAPTURED if (payment.capture or result.captured) else Status.AUTHORIZED
+            elif result.outcome is Outcome.HARD_DECLINE:
+                status = Status.DECLINED
+            elif result.outcome is Outcome.REQUIRES_ACTION:
+                status = Status.REQUIRES_ACTION
+            else:
+                status = Status.PENDING
+            return await self._finish_recovery(payment, status, attempts, ch.name, result)
+        if last_soft is not None:
+            decline = Decline(code=last_soft.code or "declined", message="every channel in the plan declined",
+                              category=DeclineCategory.SOFT, channel=last_soft.channel)
+            return await self._finish_recovery(payment, Status.DECLINED, attempts, None, None, decline)
+        decline = Decline(code="not_charged", message="interrupted before any channel charged it",
+                          category=DeclineCategory.SOFT)
+        return await self._finish_recovery(payment, Status.FAILED, attempts, None, None, decline)
+
+    async def _finish_recovery(
+        self, payment: Payment, status: Status, attempts: list[Attempt], channel: str | None,
+        result: ChannelResult | None, decline: Decline | None = None,
+    ) -> Payment:
+        if decline is None and status is Status.DECLINED and result is not None:
+            decline = Decline(code=result.code or "declined", message=result.message or "declined",
+                              category=DeclineCategory.HARD, channel=channel)
+        done = msgspec.structs.replace(
+            payment, status=status, attempts=attempts, decline=decline, channel=channel,
+            channel_reference=result.channel_reference if result else None,
+            captured_amount=payment.amount if status is Status.CAPTURED else 0,
+            next_action=result.next_action if result else None,
+            version=payment.version + 1, updated_at=utcnow(),
+        )
+        await self.store.update_payment(done, payment.version, [event_for(done)])
+        return self._count(done)
+
+    async def expire_action(self, payment: Payment) -> Payment:
+        """A wallet payment the customer never completed: close it at the channel, then fail it."""
+        settled = await self.resolve_pending(payment)
+        if settled.status is not payment.status:
+            return settled  # the customer paid (or the channel failed it) after all
+        rt = self._runtime()
+        ch = rt.channels.get(payment.channel or "")
+        if ch is None or not payment.attempts:
+            return payment
+        last = payment.attempts[-1]
+        op = ChannelOperation(kind="void", payment_id=payment.id, channel_reference=payment.channel_reference or last.channel_key,
+                              channel_key=f"{payment.id}-close", amount=payment.amount, currency=payment.currency,
+                              exponent=currency_exponent(payment.currency) or 0, payment_amount=payment.amount)
+        try:
+            resp = await ch.transport.send(ch.adapter.build_operation(op))
+            result = ch.adapter.parse_operation(op, resp)
+        except (ChannelUnavailable, OutcomeUnknown, IntegrationError, ValueError):
+            return payment
+        if result.outcome is not Outcome.APPROVED:
+            return payment
+        done = msgspec.structs.replace(
+            payment, status=Status.FAILED, version=payment.version + 1, updated_at=utcnow(), next_action=None,
+            decline=Decline(code="action_expired", message="the customer did not complete the payment in time",
+                            category=DeclineCategory.SOFT, channel=payment.channel),
+        )
+        await self.store.update_payment(done, payment.version, [event_for(done)])
+        return self._count(done)
+
+    async def to_manual_review(self, payment: Payment, reason: str) -> Payment:
+        done = msgspec.structs.replace(
+            payment, status=Status.MANUAL_REVIEW, version=payment.version + 1, updated_at=utcnow(),
+            decline=Decline(code="manual_review", message=reason, category=DeclineCategory.SOFT, channel=payment.channel),
+        )
+        await self.store.update_payment(done, payment.version, [event_for(done)])
+        return done
 
     async def apply_callback(self, channel: str, event: CallbackEvent) -> Payment | None:
         """Apply a verified channel notification. Late, repeated or out-of-order ones change nothing:
@@ -390,7 +516,9 @@ class Pipeline:
         if payment is None or payment.channel not in (None, channel):
             log.warning("callback for an unknown payment", extra={"channel": channel, "event_id": event.event_id})
             return None
-        if event.kind != "authorization" or payment.status not in (Status.PENDING, Status.REQUIRES_ACTION):
+        if event.kind != "authorization" or payment.status not in (
+            Status.PENDING, Status.REQUIRES_ACTION, Status.MANUAL_REVIEW
+        ):
             return payment
         try:
             return await self._settle(payment, event.result)
@@ -486,9 +614,15 @@ class Pipeline:
         if ch is None or p.channel_reference is None:
             raise ProblemError(503, "channel_not_configured", "The payment's channel is not configured any more")
         op = ChannelOperation(
-            kind=kind, payment_id=p.id, channel_reference=p.channel_reference, channel_key=key, amount=amount, currency=p.currency
+            kind=kind, payment_id=p.id, channel_reference=p.channel_reference, channel_key=key, amount=amount,
+            currency=p.currency, exponent=currency_exponent(p.currency) or 0, payment_amount=p.amount,
         )
-        wire = ch.adapter.build_operation(op)
+        try:
+            wire = ch.adapter.build_operation(op)
+        except (IntegrationError, ValueError, KeyError, TypeError) as e:
+            raise ProblemError(
+                409, "operation_not_supported", f"The channel {ch.name} cannot {kind} this payment", str(e)
+            ) from None
         deadline = self._clock() + rt.config.server.payment_deadline_ms / 1000
         status, code, ref = "failed", None, None
         try:

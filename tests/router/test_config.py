@@ -47,7 +47,13 @@ def test_env_interpolation_and_hashed_keys() -> None:
 def test_missing_env_var_is_reported() -> None:
     with pytest.raises(ConfigError) as e:
         load_config(GOOD, env={}, **KW)
-    assert e.value.problems == [("${M1_KEY}", "environment variable is not set")]
+    assert e.value.problems == [("$.merchants[0].api_keys[0].key (${M1_KEY})", "environment variable is not set")]
+
+
+def test_env_values_stay_strings_and_comments_are_not_interpolated() -> None:
+    text = GOOD.replace("merchants:", "# ${NOT_SET_ANYWHERE} in a comment\nmerchants:")
+    cfg = load_config(text, env={"M1_KEY": "1234567890123456789"}, **KW)
+    assert api_key_index(cfg) == {hash_api_key("1234567890123456789"): "m1"}
 
 
 @pytest.mark.parametrize(
