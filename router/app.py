@@ -26,7 +26,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router import __version__
 from router.config import Config, load_config_file, restart_only_changes
-from router.errors import CallbackRejected, ConfigError, FieldError, ProblemError, invalid_request
+from router.errors import (
+    CallbackRejected,
+    ConfigError,
+    CoordinationUnavailable,
+    FieldError,
+    ProblemError,
+    StoreUnavailable,
+    invalid_request,
+)
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.janitor import Janitor
 from router.logs import request_id
@@ -78,6 +86,14 @@ async def edge(request: web.Request, handler: Callable[[web.Request], Awaitable[
             resp = problem_response(p, request.path)
         except web.HTTPException as e:
             resp = problem_response(_http_problem(e), request.path)
+        except (StoreUnavailable, CoordinationUnavailable) as e:
+            # fail closed. A retry with the same Idempotency-Key and merchant_order_id is always safe: the
+            # unique order id and the deterministic channel keys stop a second charge.
+            log.error("dependency unavailable", extra={"error": type(e).__name__, "route": route})
+            resp = problem_response(ProblemError(
+                503, "service_unavailable", "A payroute dependency is unavailable; retry later",
+                f"{type(e).__name__}: retrying with the same Idempotency-Key and merchant_order_id is safe",
+                extra={"retryable": True}), request.path)
         except Exception:
             log.exception("unhandled error", extra={"route": route})
             resp = problem_response(ProblemError(500, "internal_error", "payroute failed to process the request"), request.path)
@@ -159,7 +175,7 @@ async def idempotent(
             resp = await run()
         except ProblemError as p:
             resp = problem_response(p, request.path)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StoreUnavailable, CoordinationUnavailable):
             raise
         except Exception:
             log.exception("unhandled error", extra={"route": request.path})

@@ -30,6 +30,14 @@ class OutcomeUnknown(Exception):
         self.code = code
 
 
+class StoreUnavailable(Exception):
+    """The durable store cannot be reached (bounded timeouts): state changes fail closed with a 503."""
+
+
+class CoordinationUnavailable(Exception):
+    """Redis (idempotency, locks) cannot be reached: state changes fail closed with a 503."""
+
+
 class CallbackRejected(Exception):
     """An inbound channel notification that does not verify (signature, timestamp, body)."""
 

@@ -45,7 +45,7 @@ class _Record:
     def __init__(self, fingerprint: str, expires_at: float) -> None:
         self.fingerprint = fingerprint
         self.response: StoredResponse | None = None
-        self.expires_at = expires_at
+        self.expires_at = expires_at  # in flight: when the claim lapses; completed: when the record goes
 
 
 def key_in_use() -> ProblemError:
@@ -67,8 +67,13 @@ def key_reused() -> ProblemError:
 
 
 class MemoryIdempotencyStore:
-    def __init__(self, ttl_s: float = 24 * 3600, clock: Callable[[], float] = time.monotonic) -> None:
+    """In-process records. An unfinished claim lapses after `in_flight_ttl_s` (its request died)."""
+
+    def __init__(
+        self, ttl_s: float = 24 * 3600, clock: Callable[[], float] = time.monotonic, in_flight_ttl_s: float = 120
+    ) -> None:
         self._ttl = ttl_s
+        self._in_flight_ttl = in_flight_ttl_s
         self._clock = clock
         self._records: dict[tuple[str, str], _Record] = {}
         self._next_reap = 0.0
@@ -77,7 +82,7 @@ class MemoryIdempotencyStore:
         if now < self._next_reap:
             return
         self._next_reap = now + 60
-        dead = [k for k, r in self._records.items() if r.expires_at <= now and r.response is not None]
+        dead = [k for k, r in self._records.items() if r.expires_at <= now]
         for k in dead:
             del self._records[k]
 
@@ -85,10 +90,10 @@ class MemoryIdempotencyStore:
         now = self._clock()
         self._reap(now)
         rec = self._records.get((merchant_id, key))
-        if rec is not None and rec.expires_at <= now and rec.response is not None:
-            rec = None
+        if rec is not None and rec.expires_at <= now:
+            rec = None  # expired, or an unfinished claim whose request died
         if rec is None:
-            self._records[(merchant_id, key)] = _Record(fingerprint, now + self._ttl)
+            self._records[(merchant_id, key)] = _Record(fingerprint, now + self._in_flight_ttl)
             return Claim()
         if rec.fingerprint != fingerprint:
             raise key_reused()
@@ -98,8 +103,9 @@ class MemoryIdempotencyStore:
 
     async def complete(self, merchant_id: str, key: str, response: StoredResponse) -> None:
         rec = self._records.get((merchant_id, key))
-        if rec is not None:
+        if rec is not None and rec.response is None:
             rec.response = response
+            rec.expires_at = self._clock() + self._ttl
 
     async def release(self, merchant_id: str, key: str) -> None:
         rec = self._records.get((merchant_id, key))

@@ -28,15 +28,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from router.errors import CoordinationUnavailable
+
 log = logging.getLogger("payroute.locks")
+__all__ = ["CoordinationUnavailable", "LockToken", "MemoryOrderLocks", "OrderLocks", "RedisOrderLocks", "order_lock"]
 
 
-class CoordinationUnavailable(Exception):
-    """Redis (idempotency records, order locks) did not answer in time or refused the connection.
+# CoordinationUnavailable lives in router.errors; re-exported here for the modules that raise it.
 
-    The command may or may not have been applied; nothing here retries it. Callers fail closed, and
-    whatever was half-applied frees itself by TTL (an in-flight claim, a lock).
-    """
 
 
 @contextmanager
@@ -159,6 +158,10 @@ async def order_lock(locks: OrderLocks, key: str, ttl_ms: int) -> AsyncIterator[
         if token is not None:
             try:
                 if not await locks.release(token):
-                    log.warning("order lock expired before release", extra={"lock_key": key, "ttl_ms": ttl_ms})
+                    log.warning(
+                        "order lock expired before release", extra={"lock_key": key, "ttl_ms": ttl_ms}
+                    )
             except CoordinationUnavailable as e:
-                log.warning("order lock not released; it will expire", extra={"lock_key": key, "reason": str(e)})
+                log.warning(
+                    "order lock not released; it will expire", extra={"lock_key": key, "reason": str(e)}
+                )
