@@ -153,6 +153,12 @@ class JanitorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     page: int = 200
 
 
+class DuplicatesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    fingerprint_mode: str = "flag"  # off | flag | block: same customer + amount + currency within the window
+    fingerprint_window_s: float = 120.0
+    order_lock_ttl_ms: int = 30_000  # per-order lock (an optimization; the unique order id is the truth)
+
+
 class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Bearer tokens for /admin/v1 (governance with roles and two-person approval comes later).
     tokens: list[ApiKey] = msgspec.field(default_factory=list)
@@ -162,6 +168,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     version: str = "1"
     admin: AdminConfig = AdminConfig()
     janitor: JanitorSettings = JanitorSettings()
+    duplicates: DuplicatesConfig = DuplicatesConfig()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
@@ -280,6 +287,10 @@ def check(
         add(("$.server.max_amount", "must be positive"))
     if cfg.server.payment_deadline_ms <= 0:
         add(("$.server.payment_deadline_ms", "must be positive"))
+    if cfg.duplicates.fingerprint_mode not in ("off", "flag", "block"):
+        add(("$.duplicates.fingerprint_mode", "must be off, flag or block"))
+    if cfg.duplicates.order_lock_ttl_ms <= 0 or cfg.duplicates.fingerprint_window_s <= 0:
+        add(("$.duplicates", "window and lock TTL must be positive"))
     if cfg.janitor.min_age_s * 1000 <= cfg.server.payment_deadline_ms:
         add(("$.janitor.min_age_s", "must exceed server.payment_deadline_ms, or the janitor could race live payments"))
     names: set[str] = set()

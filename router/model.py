@@ -234,6 +234,7 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     customer_id: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     idempotency_key: str | None = None
+    duplicate_of: str | None = None  # flagged by the fingerprint window: an earlier look-alike payment
     version: int = 1
     created_at: datetime = msgspec.field(default_factory=utcnow)
     updated_at: datetime = msgspec.field(default_factory=utcnow)

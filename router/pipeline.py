@@ -25,6 +25,7 @@ import msgspec
 import orjson
 
 from router.breaker import BreakerOpen
+from router.duplicates import FingerprintWindow, MemoryFingerprintWindow, fingerprint
 from router.errors import (
     ChannelUnavailable,
     DuplicateOrder,
@@ -35,6 +36,7 @@ from router.errors import (
     ProblemError,
     VersionConflict,
 )
+from router.locks import MemoryOrderLocks, OrderLocks, order_lock
 from router.metrics import Metrics
 from router.model import (
     Attempt,
@@ -112,11 +114,15 @@ class Pipeline:
         store: PaymentStore,
         metrics: Metrics,
         *,
+        locks: OrderLocks | None = None,
+        window: FingerprintWindow | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._runtime = runtime
         self.store = store
+        self.locks: OrderLocks = locks or MemoryOrderLocks()
+        self.window: FingerprintWindow = window or MemoryFingerprintWindow()
         self.metrics = metrics
         self._sleep = sleep
         self._clock = clock
@@ -128,10 +134,41 @@ class Pipeline:
         self, req: PaymentRequest, card: SensitiveCard | None, idempotency_key: str | None
     ) -> Payment:
         rt = self._runtime()  # one config snapshot for the whole payment
+        dup = rt.config.duplicates
+        # a lock per order keeps two devices from running the same order at once; it is only an
+        # optimization: the unique (merchant, order id) in the durable store is what guarantees it
+        async with order_lock(self.locks, f"{req.merchant_id}:{req.merchant_order_id}", dup.order_lock_ttl_ms) as tok:
+            if tok is None:
+                raise ProblemError(
+                    409, "order_in_progress", "A payment for this merchant_order_id is being processed",
+                    "retry shortly: you will get the existing payment's id",
+                    [FieldError("merchant_order_id", "in_progress", "another request is processing this order")],
+                )
+            existing = await self.store.find_by_order(req.merchant_id, req.merchant_order_id)
+            if existing is not None:
+                raise _duplicate_order(existing.id)
+            payment_id = new_id("pay")
+            duplicate_of = None
+            fp = fingerprint(req) if dup.fingerprint_mode != "off" else None
+            if fp is not None:
+                duplicate_of = await self.window.remember(fp, payment_id, dup.fingerprint_window_s)
+                if duplicate_of is not None and dup.fingerprint_mode == "block":
+                    raise ProblemError(
+                        409, "duplicate_payment_suspected",
+                        "The same customer paid the same amount moments ago",
+                        f"within {int(dup.fingerprint_window_s)} s; use another merchant_order_id after checking",
+                        extra={"earlier_payment_id": duplicate_of},
+                    )
+            return await self._create(rt, payment_id, req, card, idempotency_key, duplicate_of)
+
+    async def _create(
+        self, rt: Runtime, payment_id: str, req: PaymentRequest, card: SensitiveCard | None,
+        idempotency_key: str | None, duplicate_of: str | None,
+    ) -> Payment:
         cfg = rt.config
         now = utcnow()
         payment = Payment(
-            id=new_id("pay"),
+            id=payment_id,
             merchant_id=req.merchant_id,
             merchant_order_id=req.merchant_order_id,
             status=Status.PROCESSING,
@@ -144,6 +181,7 @@ class Pipeline:
             customer_id=req.customer_id,
             metadata=req.metadata,
             idempotency_key=idempotency_key,
+            duplicate_of=duplicate_of,
             created_at=now,
             updated_at=now,
         )
@@ -365,12 +403,7 @@ class Pipeline:
         try:
             await self.store.insert_payment(p, events)
         except DuplicateOrder as e:
-            raise ProblemError(
-                409, "duplicate_merchant_order_id", "A payment for this merchant_order_id already exists",
-                f"payment {e.existing_payment_id} already exists for this order",
-                [FieldError("merchant_order_id", "duplicate", "already used by another payment")],
-                extra={"existing_payment_id": e.existing_payment_id},
-            ) from None
+            raise _duplicate_order(e.existing_payment_id) from None
 
     def _count(self, p: Payment) -> Payment:
         if p.status in _FINAL_FOR_METRICS:
@@ -660,6 +693,15 @@ class Pipeline:
                 extra={"payment": payment_json(updated)},
             )
         return updated
+
+
+def _duplicate_order(existing_id: str) -> ProblemError:
+    return ProblemError(
+        409, "duplicate_merchant_order_id", "A payment for this merchant_order_id already exists",
+        f"payment {existing_id} already exists for this order",
+        [FieldError("merchant_order_id", "duplicate", "already used by another payment")],
+        extra={"existing_payment_id": existing_id},
+    )
 
 
 class _LockCtx:
