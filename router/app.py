@@ -23,9 +23,11 @@ import msgspec
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 
 from router import __version__
-from router.config import Config, load_config_file, restart_only_changes
+from router.config import Config, restart_only_changes
+from router.duplicates import FingerprintWindow, MemoryFingerprintWindow
 from router.errors import (
     CallbackRejected,
     ConfigError,
@@ -37,12 +39,14 @@ from router.errors import (
 )
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.janitor import Janitor
+from router.locks import MemoryOrderLocks, OrderLocks, coordination_errors
 from router.logs import request_id
 from router.metrics import Metrics
 from router.model import Payment
 from router.openapi import OPENAPI
 from router.pipeline import Pipeline, new_id, payment_json
-from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES, Runtime, RuntimeHolder
+from router.runtime import Runtime, RuntimeHolder
+from router.runtime import load as load_runtime_config
 from router.store.base import PaymentStore
 from router.validation import Limits, validate_payment
 
@@ -55,6 +59,7 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 METRICS = web.AppKey("metrics", Metrics)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyStore)
 STATE = web.AppKey("state", dict)
+
 
 _IDEMPOTENCY_KEY_MAX = 255
 
@@ -291,7 +296,7 @@ async def reload_config(app: web.Application) -> dict[str, object]:
     holder = app[RUNTIME]
     old = holder.current
     try:
-        cfg = load_config_file(path, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+        cfg = load_runtime_config(path)
     except ConfigError as e:
         log.warning("config reload rejected", extra={"problems": [f"{p}: {m}" for p, m in e.problems]})
         raise ProblemError(
@@ -331,10 +336,15 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[STATE].get("stopping"):
         raise ProblemError(503, "shutting_down", "payroute is shutting down")
-    try:
-        await request.app[STORE].ping()
-    except Exception as e:  # noqa: BLE001 - readiness reports any store failure as not ready
-        raise ProblemError(503, "store_unavailable", "The durable store is not reachable", type(e).__name__) from None
+    degraded = {}
+    for name, check in (("store", request.app[STORE].ping), ("coordination", request.app[COORDINATION].ping)):
+        try:
+            await check()
+        except Exception as e:  # noqa: BLE001 - readiness reports any dependency failure as not ready
+            degraded[name] = type(e).__name__
+    if degraded:
+        raise ProblemError(503, "degraded", "A dependency is not reachable; state changes are refused",
+                           extra={"dependencies": degraded})
     rt = request.app[RUNTIME].current
     return json_response({"status": "ready", "config_version": rt.version, "breakers": rt.breaker_states()})
 
@@ -356,11 +366,47 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_store(cfg: Config) -> PaymentStore:
-    if cfg.storage.mode != "embedded":
-        raise NotImplementedError("scale-out storage (Redis + PostgreSQL) is not available yet")
+    if cfg.storage.mode == "scaleout":
+        from router.store.postgres import PostgresStore
+
+        assert cfg.storage.postgres_dsn is not None  # config.check guarantees it
+        return PostgresStore(cfg.storage.postgres_dsn)
     from router.store.sqlite import SqliteStore
 
     return SqliteStore(Path(cfg.storage.sqlite_path), synchronous=cfg.storage.synchronous)
+
+
+class Coordination:
+    """Idempotency records, order locks and the fingerprint window: in process, or in Redis (scale-out)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.redis: Redis | None = None
+        if cfg.storage.mode == "scaleout":
+            from router.duplicates import RedisFingerprintWindow
+            from router.idempotency_redis import RedisIdempotencyStore, make_redis
+            from router.locks import RedisOrderLocks
+
+            assert cfg.storage.redis_url is not None
+            self.redis = make_redis(cfg.storage.redis_url)
+            self.idempotency: IdempotencyStore = RedisIdempotencyStore(self.redis)
+            self.locks: OrderLocks = RedisOrderLocks(self.redis)
+            self.window: FingerprintWindow = RedisFingerprintWindow(self.redis)
+        else:
+            self.idempotency = MemoryIdempotencyStore()
+            self.locks = MemoryOrderLocks()
+            self.window = MemoryFingerprintWindow()
+
+    async def ping(self) -> None:
+        if self.redis is not None:
+            with coordination_errors("ping"):
+                await self.redis.ping()
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+COORDINATION = web.AppKey("coordination", Coordination)
 
 
 async def _reload_logged(app: web.Application) -> None:
@@ -389,8 +435,11 @@ def create_app(
     app[RUNTIME] = RuntimeHolder(Runtime(cfg, on_breaker), on_breaker)
     the_store = store or build_store(cfg)
     app[STORE] = the_store
-    app[IDEMPOTENCY] = MemoryIdempotencyStore()
-    app[PIPELINE] = Pipeline(lambda: app[RUNTIME].current, the_store, m, sleep=sleep)
+    coordination = Coordination(cfg)
+    app[COORDINATION] = coordination
+    app[IDEMPOTENCY] = coordination.idempotency
+    app[PIPELINE] = Pipeline(lambda: app[RUNTIME].current, the_store, m, locks=coordination.locks,
+                             window=coordination.window, sleep=sleep)
 
     async def sandbox_ctx(app: web.Application) -> AsyncIterator[None]:
         running = []
@@ -407,6 +456,7 @@ def create_app(
         await the_store.start()
         yield
         await the_store.close()
+        await coordination.close()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[RUNTIME].current.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from router.config import Config, load_config_file
+from router.config import Config
 from router.errors import ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
@@ -23,9 +23,9 @@ DEMO_KEY_DEFAULT = "sk_test_payroute_demo_key_0001"
 
 
 def _load(path: str | None) -> Config:
-    from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES
+    from router.runtime import load
 
-    return load_config_file(path or DEMO_CONFIG, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+    return load(path or DEMO_CONFIG)
 
 
 def _fail_config(e: ConfigError, path: str) -> int:
@@ -108,6 +108,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         cfg = _load(args.file)
     except ConfigError as e:
         return _fail_config(e, args.file)
+    from router.runtime import config_warnings
+
+    for where, msg in config_warnings(cfg):
+        print(f"warning: {where}: {msg}")
     print(f"{args.file}: ok (version {cfg.digest}, {len(cfg.channels)} channels, {len(cfg.merchants)} merchants)")
     return 0
 

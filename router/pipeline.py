@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import orjson
 
+from policies.base import Chain
+from policies.rules import RulesPolicy
+from policies.success_rate import counts_for_channel
 from router.breaker import BreakerOpen
 from router.duplicates import FingerprintWindow, MemoryFingerprintWindow, fingerprint
 from router.errors import (
@@ -218,17 +221,21 @@ class Pipeline:
             metadata=req.metadata,
         )
         plan, removed, trace = chain.explain(ctx, rt.candidates())
+        blocking_rule = _blocking_rule(chain, ctx) if not plan else None
         decision = RoutingDecision(
             chain=chain.name, config_version=rt.version, candidates=all_names, plan=[c.name for c in plan],
             removed=removed, steps=[RouteStep(policy=t.policy, output=list(t.output)) for t in trace],
+            blocked_by=f"rule:{blocking_rule[0]}" if blocking_rule else None,
         )
         payment = msgspec.structs.replace(payment, routing=decision)
         if not plan:
-            failed = msgspec.structs.replace(
-                payment,
-                status=Status.FAILED,
-                decline=Decline(code="no_eligible_channel", message="no channel can take this payment", category=DeclineCategory.HARD),
+            refusal = (
+                Decline(code=blocking_rule[1], message=f"blocked by routing rule {blocking_rule[0]}",
+                        category=DeclineCategory.HARD)
+                if blocking_rule else
+                Decline(code="no_eligible_channel", message="no channel can take this payment", category=DeclineCategory.HARD)
             )
+            failed = msgspec.structs.replace(payment, status=Status.FAILED, decline=refusal)
             await self._insert(failed)
             return self._count(failed)
 
@@ -242,6 +249,7 @@ class Pipeline:
         result: ChannelResult | None = None
         last_soft: Attempt | None = None
         used: ChannelRuntime | None = None
+        stats = rt.env.state.get("success_stats")
         for seq, cand in enumerate(plan, start=1):
             ch = rt.channels[cand.name]
             if self._clock() >= deadline:
@@ -249,6 +257,11 @@ class Pipeline:
             attempt, result = await self._attempt(ch, seq, payment, req, card, deadline, cfg.server.public_url)
             attempts.append(attempt)
             outcome = attempt.outcome
+            if stats is not None:
+                # only what the channel caused moves its success rate (a card's own decline does not)
+                verdict = counts_for_channel(outcome.value, attempt.code)
+                if verdict is not None:
+                    stats.record_outcome(ch.name, ctx, verdict, time.time())
             if outcome is Outcome.APPROVED and result is not None:
                 final = Status.CAPTURED if (req.capture or result.captured) else Status.AUTHORIZED
             elif outcome is Outcome.HARD_DECLINE:
@@ -693,6 +706,16 @@ class Pipeline:
                 extra={"payment": payment_json(updated)},
             )
         return updated
+
+
+def _blocking_rule(chain: Chain, ctx: RouteContext) -> tuple[str, str] | None:
+    """(rule id, block code) when a routing rule blocked the payment, for the record."""
+    for step in chain.steps:
+        if isinstance(step, RulesPolicy):
+            rule = step.match(ctx)
+            if rule is not None and rule.outcome.block:
+                return rule.id, rule.outcome.block_code
+    return None
 
 
 def _duplicate_order(existing_id: str) -> ProblemError:

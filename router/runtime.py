@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import msgspec
 
 from adapters import registry as adapter_registry
 from policies import registry as policy_registry
-from policies.base import Chain
+from policies.base import Chain, PolicyEnv
+from policies.success_rate import SuccessStats
 from router.breaker import STATE_VALUE, ChannelBreaker
-from router.config import BlockRule, ChannelConfig, Config, PolicyStep, admin_token_index, api_key_index
+from router.config import (
+    BlockRule,
+    ChannelConfig,
+    Config,
+    PolicyStep,
+    admin_token_index,
+    api_key_index,
+    load_config_file,
+)
+from router.errors import ConfigError
 from router.model import Candidate, Capabilities, ChannelAdapter
 from router.transport import ChannelTransport, RetryBudget
 
@@ -51,8 +62,40 @@ class ChannelRuntime:
         return self._static if self.breaker.admits() else self._open
 
 
-def _chain(name: str, steps: list[PolicyStep]) -> Chain:
-    return Chain(name, [policy_registry.build(s["policy"], {k: v for k, v in s.items() if k != "policy"}) for s in steps])
+def _params(step: PolicyStep) -> dict[str, object]:
+    return {k: v for k, v in step.items() if k != "policy"}
+
+
+def _chain(name: str, steps: list[PolicyStep], env: PolicyEnv) -> Chain:
+    return Chain(name, [policy_registry.build(s["policy"], _params(s), env) for s in steps])
+
+
+def policy_checks(cfg: Config) -> list[tuple[str, str]]:
+    """Config problems only the policies can see (fee schedules); they reject the config."""
+    problems = []
+    for i, ch in enumerate(cfg.channels):
+        problems += [(f"$.channels[{i}].fees{p}", m) for p, m in policy_registry.fee_problems(ch.fees)]
+    return problems
+
+
+def config_warnings(cfg: Config) -> list[tuple[str, str]]:
+    """Advice that does not reject a config: unreachable and conflicting routing rules."""
+    chains = [("$.routing.default", cfg.routing.default)]
+    chains += [(f"$.routing.merchants.{m}", steps) for m, steps in cfg.routing.merchants.items()]
+    out = []
+    for path, steps in chains:
+        for k, step in enumerate(steps):
+            out += [(f"{path}[{k}]{p}", m) for p, m in policy_registry.warnings(step["policy"], _params(step))]
+    return out
+
+
+def load(path: str | Path) -> Config:
+    """Load and fully check a config file (types, references, policy params, fee schedules)."""
+    cfg = load_config_file(path, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+    problems = policy_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def _licences(cfg: Config, channel: str) -> tuple[frozenset[str] | None, frozenset[str] | None]:
@@ -71,8 +114,10 @@ class Runtime:
         cfg: Config,
         on_breaker_change: Callable[[str, str], None] | None = None,
         previous: Runtime | None = None,
+        env: PolicyEnv | None = None,
     ) -> None:
         self.config = cfg
+        self.env: PolicyEnv = env or (previous.env if previous else PolicyEnv(state={"success_stats": SuccessStats()}))
         self.version = cfg.digest
         self.channels: dict[str, ChannelRuntime] = {}
         for c in cfg.channels:
@@ -82,8 +127,8 @@ class Runtime:
                 self.channels[c.name] = old  # unchanged: keep its breaker state and connection pool
             else:
                 self.channels[c.name] = ChannelRuntime(c, on_breaker_change, licences)
-        self.default_chain = _chain("default", cfg.routing.default)
-        self.merchant_chains = {m: _chain(f"merchant:{m}", steps) for m, steps in cfg.routing.merchants.items()}
+        self.default_chain = _chain("default", cfg.routing.default, self.env)
+        self.merchant_chains = {m: _chain(f"merchant:{m}", steps, self.env) for m, steps in cfg.routing.merchants.items()}
         self.api_keys: Mapping[str, str] = api_key_index(cfg)
         self.admin_tokens = admin_token_index(cfg)
         self.blocked: dict[str, BlockRule] = {}
@@ -123,7 +168,7 @@ class RuntimeHolder:
     """
 
     def __init__(self, runtime: Runtime, on_breaker_change: Callable[[str, str], None] | None = None) -> None:
-        self.current = runtime
+        self.current = runtime  # live policy state (success statistics) carries over every swap
         self._on_breaker_change = on_breaker_change
         self._retiring: set[asyncio.Task[None]] = set()
 

@@ -18,6 +18,9 @@ from router.app import METRICS, PIPELINE, RUNTIME, create_app
 from router.config import Config
 from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES
 
+# real services (a fresh PostgreSQL database and a private redis-server per session)
+pytest_plugins = ["tests.services"]
+
 API_KEY = "sk_test_merchant_alpha_0001"
 OTHER_KEY = "sk_test_merchant_beta_00002"
 GOOD_CARD = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}

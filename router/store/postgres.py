@@ -33,7 +33,9 @@ from typing import Any, NamedTuple
 import asyncpg
 import msgspec
 
-from router.errors import DuplicateOrder, VersionConflict
+from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
+
+__all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
 from router.model import OutboxEvent, Payment, Status
 
 _encode = msgspec.json.Encoder().encode
@@ -41,10 +43,6 @@ _decode_payment = msgspec.json.Decoder(Payment).decode
 
 # "payroute" in ASCII: the advisory lock that serialises schema migrations across instances.
 MIGRATION_LOCK_KEY = 0x7061_7972_6F75_7465
-
-
-class StoreUnavailable(Exception):
-    """The database cannot be reached (or did not answer in time): fail closed, do not guess."""
 
 
 # Errors that say nothing about the write itself, only that the database is not serving us.

@@ -75,4 +75,6 @@ def test_chain_records_which_policy_removed_each_channel(ctx: RouteContext, cand
 
 
 def test_registry_lists_every_policy_module() -> None:
-    assert set(POLICIES) == {"currency", "country", "method", "breaker", "priority"}
+    assert set(POLICIES) == {
+        "currency", "country", "method", "breaker", "priority", "region", "weighted", "rules", "success_rate", "cost",
+    }

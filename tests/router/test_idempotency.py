@@ -14,7 +14,7 @@ from router.errors import ProblemError
 from router.idempotency import Claim, IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.idempotency_redis import RedisIdempotencyStore, make_redis
 from router.locks import CoordinationUnavailable
-from tests.redis_fixture import free_port, redis_client, redis_url  # noqa: F401
+from tests.services import free_port
 
 MakeStore = Callable[..., IdempotencyStore]
 

@@ -19,7 +19,7 @@ from router.locks import (
     RedisOrderLocks,
     order_lock,
 )
-from tests.redis_fixture import free_port, redis_client, redis_url  # noqa: F401
+from tests.services import free_port
 
 TTL_MS = 60_000
 SHORT_MS = 200

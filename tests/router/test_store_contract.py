@@ -1,0 +1,690 @@
+"""The `PaymentStore` contract, run against every store: SQLite (embedded) and PostgreSQL (scale-out).
+
+Each contract test takes `backend` (parametrized: "sqlite", "postgres"), which holds a started store
+on an empty database plus a way to open more stores on the same database and to read raw rows with
+SQL both dialects accept. Behaviour only one store has lives apart: SQLite's group commit, writer
+thread and kill -9 in test_store_sqlite.py; PostgreSQL's migration table, advisory lock and
+fail-closed `StoreUnavailable` at the end of this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from router.errors import DuplicateOrder, VersionConflict
+from router.model import (
+    Attempt,
+    CardSummary,
+    Decline,
+    DeclineCategory,
+    Operation,
+    OutboxEvent,
+    Outcome,
+    Payment,
+    PaymentMethod,
+    RoutingDecision,
+    Status,
+)
+from router.store.base import PaymentStore
+from router.store.postgres import Migration, PostgresStore, StoreUnavailable, load_migrations
+from router.store.sqlite import SqliteStore
+from router.store.sqlite import load_migrations as load_sqlite_migrations
+
+# The real-service fixtures (postgres_dsn, fresh_postgres_dsn, pg_store, redis_url), registered as a
+# plugin rather than imported by name, so that test parameters do not shadow imported names.
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+# What a write that breaks a constraint of its own (a reused outbox event id) raises, per driver.
+CONSTRAINT_ERRORS = (sqlite3.IntegrityError, asyncpg.UniqueViolationError)
+
+
+def make_payment(n: int, *, order: str | None = None, **changes: Any) -> Payment:
+    p = Payment(
+        id=f"pay_{n:05d}",
+        merchant_id="m_1",
+        merchant_order_id=order or f"order-{n}",
+        status=Status.PROCESSING,
+        amount=1999,
+        currency="EUR",
+        country="DE",
+        capture=True,
+        payment_method=PaymentMethod(
+            type="card",
+            card=CardSummary(
+                bin="424242", last4="4242", brand="visa", exp_month=12, exp_year=2030, fingerprint="fp"
+            ),
+        ),
+        created_at=T0,
+        updated_at=T0,
+    )
+    return msgspec.structs.replace(p, **changes)
+
+
+def event(payment: Payment, suffix: str) -> OutboxEvent:
+    return OutboxEvent(
+        id=f"evt_{payment.id}_{suffix}",
+        merchant_id=payment.merchant_id,
+        payment_id=payment.id,
+        type=f"payment.{suffix}",
+        payload=b'{"k":"' + suffix.encode() + b'"}',
+        created_at=T0,
+    )
+
+
+def advanced(p: Payment, status: Status, **changes: Any) -> Payment:
+    return msgspec.structs.replace(
+        p, status=status, version=p.version + 1, updated_at=p.updated_at + timedelta(seconds=1), **changes
+    )
+
+
+# --------------------------------------------------------------------------- backends
+
+
+Rows = list[tuple[Any, ...]]
+
+
+@dataclass
+class Backend:
+    name: str
+    store: PaymentStore  # started, on an empty database; closed by its fixture
+    new_store: Callable[[], PaymentStore]  # another (unstarted) store on the same database
+    query: Callable[[str], Awaitable[Rows]]  # SQL without parameters, valid in both dialects
+    migrations_applied: Callable[[], Awaitable[int]]
+    migration_count: int
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[PaymentStore]:
+        store = self.new_store()
+        await store.start()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "payroute.db")
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def sqlite_backend(store: SqliteStore) -> Backend:
+    path = store.path
+
+    async def query(sql: str) -> Rows:
+        def run() -> Rows:
+            conn = sqlite3.connect(path)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run)
+
+    async def migrations_applied() -> int:
+        value: int = (await query("PRAGMA user_version"))[0][0]
+        return value
+
+    return Backend(
+        "sqlite", store, lambda: SqliteStore(path), query, migrations_applied, len(load_sqlite_migrations())
+    )
+
+
+def postgres_backend(store: PostgresStore) -> Backend:
+    dsn = store.dsn
+
+    async def query(sql: str) -> Rows:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    async def migrations_applied() -> int:
+        value: int = (await query("SELECT count(*) FROM schema_migrations"))[0][0]
+        return value
+
+    return Backend(
+        "postgres", store, lambda: PostgresStore(dsn), query, migrations_applied, len(load_migrations())
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    # A plain fixture, so that it may ask for the async store fixtures by name (and only for the one
+    # its parameter needs: the sqlite half runs without a PostgreSQL server).
+    if request.param == "sqlite":
+        return sqlite_backend(request.getfixturevalue("sqlite_store"))
+    return postgres_backend(request.getfixturevalue("pg_store"))
+
+
+@pytest.fixture
+def store(backend: Backend) -> PaymentStore:
+    return backend.store
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+async def test_every_field_round_trips(backend: Backend, store: PaymentStore) -> None:
+    p = make_payment(
+        1,
+        status=Status.AUTHORIZED,
+        captured_amount=1999,
+        refunded_amount=500,
+        channel="adyen_eu",
+        channel_reference="psp_9",
+        decline=Decline(code="05", message="do not honor", category=DeclineCategory.SOFT, channel="stripe_eu"),
+        attempts=[
+            Attempt(seq=1, channel="stripe_eu", outcome=Outcome.SOFT_DECLINE, code="05", latency_ms=12.5,
+                    channel_key="k1", started_at=T0),
+            Attempt(seq=2, channel="adyen_eu", outcome=Outcome.APPROVED, code=None, latency_ms=40.0,
+                    channel_key="k2", channel_reference="psp_9", retries=1, started_at=T0 + timedelta(seconds=1)),
+        ],
+        operations=[Operation(id="op_1", kind="capture", amount=1999, status="succeeded", reason="shipped",
+                              created_at=T0)],
+        routing=RoutingDecision(chain="default", config_version="v3", candidates=["stripe_eu", "adyen_eu"],
+                                plan=["stripe_eu", "adyen_eu"], removed={"alipay": "currency"}),
+        next_action={"type": "redirect", "url": "https://example.test/3ds", "nested": {"n": [1, 2.5, None]}},
+        description="Zoë's order — 注文",
+        customer_id="cus_1",
+        # A NUL inside a string: JSONB refuses it; the record must keep it.
+        metadata={"cart": "42", "note": "a\x00b"},
+        idempotency_key="idem_1",
+        version=1,
+        created_at=datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2))),
+        updated_at=T0 + timedelta(microseconds=1),
+    )  # fmt: skip
+    await store.insert_payment(p, [event(p, "authorized")])
+
+    got = await store.get_payment(p.id)
+    assert got == p
+    assert got is not None and got.attempts[1].started_at == T0 + timedelta(seconds=1)
+    assert got.created_at == T0 and got.updated_at == T0 + timedelta(microseconds=1)
+    assert got.metadata["note"] == "a\x00b"
+    assert await store.find_by_order("m_1", "order-1") == p
+    assert await store.get_payment("pay_missing") is None
+    assert await store.find_by_order("m_2", "order-1") is None
+    # The doc is kept byte for byte; the projections hold what it holds, money as integers.
+    assert await backend.query("SELECT doc FROM payments") == [(msgspec.json.encode(p),)]
+    assert await backend.query("SELECT amount, currency, status, version FROM payments") == [
+        (1999, "EUR", "authorized", 1)
+    ]
+    assert await backend.query(
+        "SELECT seq, channel, outcome, code, latency_ms FROM attempts ORDER BY seq"
+    ) == [
+        (1, "stripe_eu", "soft_decline", "05", 12.5),
+        (2, "adyen_eu", "approved", None, 40.0),
+    ]
+    assert await backend.query("SELECT id, payment_id, kind, amount FROM operations") == [
+        ("op_1", p.id, "capture", 1999)
+    ]
+
+
+async def test_naive_datetimes_are_refused_before_anything_is_written(store: PaymentStore) -> None:
+    naive = make_payment(1, updated_at=datetime(2024, 5, 1, 12, 0))
+    with pytest.raises(ValueError, match="naive"):
+        await store.insert_payment(naive)
+    with pytest.raises(ValueError, match="naive"):
+        await store.list_by_status([Status.PENDING], datetime(2024, 5, 1))
+    assert await store.get_payment(naive.id) is None
+
+
+async def test_duplicate_order_names_the_existing_payment_and_persists_nothing(store: PaymentStore) -> None:
+    first = make_payment(1, order="o-dup")
+    second = make_payment(2, order="o-dup", attempts=[
+        Attempt(seq=1, channel="x", outcome=Outcome.APPROVED, code=None, latency_ms=1, channel_key="k")
+    ], operations=[Operation(id="op_2", kind="capture", amount=1, status="succeeded", created_at=T0)])  # fmt: skip
+    await store.insert_payment(first, [event(first, "created")])
+
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(second, [event(second, "created")])
+
+    assert raised.value.existing_payment_id == first.id
+    assert await store.get_payment(second.id) is None
+    assert await store.find_by_order("m_1", "o-dup") == first
+    assert await store.outbox_events(second.id) == []
+    assert await store.outbox_events(first.id) == [event(first, "created")]
+
+
+async def test_the_same_insert_twice_is_a_duplicate_of_itself(backend: Backend, store: PaymentStore) -> None:
+    p = make_payment(1)
+    await store.insert_payment(p, [event(p, "created")])
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(p, [event(p, "created")])
+    assert raised.value.existing_payment_id == p.id
+    assert await backend.query("SELECT count(*) FROM outbox") == [(1,)]
+
+
+async def test_optimistic_update_and_stale_version(backend: Backend, store: PaymentStore) -> None:
+    p1 = make_payment(1)
+    await store.insert_payment(p1)
+    p2 = advanced(p1, Status.AUTHORIZED, attempts=[
+        Attempt(seq=1, channel="c", outcome=Outcome.APPROVED, code="00", latency_ms=3, channel_key="k1", started_at=T0)
+    ], operations=[Operation(id="op_1", kind="capture", amount=1999, status="pending", created_at=T0)])  # fmt: skip
+    await store.update_payment(p2, expected_version=1)
+    p3 = advanced(p2, Status.CAPTURED, operations=[
+        Operation(id="op_1", kind="capture", amount=1999, status="succeeded", created_at=T0)
+    ])  # fmt: skip
+    await store.update_payment(p3, expected_version=2)
+
+    with pytest.raises(VersionConflict):
+        await store.update_payment(advanced(p1, Status.DECLINED), expected_version=1)
+    with pytest.raises(VersionConflict):  # unknown payment: there is no version 1 to move from
+        await store.update_payment(advanced(make_payment(9), Status.FAILED), expected_version=1)
+    with pytest.raises(ValueError):  # a version that does not advance by one is our bug, not a race
+        await store.update_payment(p3, expected_version=3)
+    assert await store.get_payment(p1.id) == p3
+    assert await store.get_payment(make_payment(9).id) is None
+    assert await backend.query("SELECT status, version FROM payments") == [("captured", 3)]
+    assert await backend.query("SELECT id, status FROM operations") == [("op_1", "succeeded")]
+    assert await backend.query("SELECT seq, code FROM attempts") == [(1, "00")]
+
+
+async def test_two_updates_from_one_version_exactly_one_wins(store: PaymentStore) -> None:
+    p1 = make_payment(1)
+    await store.insert_payment(p1, [event(p1, "created")])
+    a = advanced(p1, Status.AUTHORIZED)
+    b = advanced(p1, Status.DECLINED)
+
+    results = await asyncio.gather(
+        store.update_payment(a, 1, [event(a, "authorized")]),
+        store.update_payment(b, 1, [event(b, "declined")]),
+        return_exceptions=True,
+    )
+
+    assert sorted(type(r).__name__ for r in results) == ["NoneType", "VersionConflict"]
+    winner, suffix = (a, "authorized") if results[0] is None else (b, "declined")
+    assert await store.get_payment(p1.id) == winner
+    # The loser's event went down with its write: the outbox only describes what happened.
+    assert await store.outbox_events(p1.id) == [event(p1, "created"), event(winner, suffix)]
+
+
+async def test_many_concurrent_inserts_with_one_duplicate(store: PaymentStore) -> None:
+    payments = [make_payment(i) for i in range(100)]
+    payments[60] = make_payment(60, order="order-10")  # same merchant order as payment 10
+
+    results = await asyncio.gather(
+        *(store.insert_payment(p, [event(p, "created")]) for p in payments), return_exceptions=True
+    )
+
+    failed = {i: r for i, r in enumerate(results) if r is not None}
+    assert len(failed) == 1, failed
+    # Either of the pair may commit first; the other is the duplicate and names the winner.
+    [(loser, error)] = failed.items()
+    winner = {10: 60, 60: 10}[loser]
+    assert isinstance(error, DuplicateOrder) and error.existing_payment_id == payments[winner].id
+    for i, p in enumerate(payments):
+        assert (await store.get_payment(p.id) == p) == (i != loser)
+        assert await store.outbox_events(p.id) == ([] if i == loser else [event(p, "created")])
+
+
+async def test_a_write_breaking_its_own_constraint_fails_alone(store: PaymentStore) -> None:
+    p1, p2, p3 = make_payment(1), make_payment(2), make_payment(3)
+    await store.insert_payment(p1, [event(p1, "created")])
+
+    results = await asyncio.gather(
+        store.insert_payment(p2, [event(p2, "created"), event(p1, "created")]),  # reuses p1's event id
+        store.insert_payment(p3, [event(p3, "created")]),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[0], CONSTRAINT_ERRORS) and results[1] is None
+    assert await store.get_payment(p2.id) is None  # the payment went down with its event
+    assert await store.outbox_events(p2.id) == []
+    assert await store.get_payment(p3.id) == p3
+    assert await store.outbox_events(p1.id) == [event(p1, "created")]
+
+
+async def test_outbox_follows_the_payment_write_in_order(backend: Backend, store: PaymentStore) -> None:
+    p1 = make_payment(1)
+    await store.insert_payment(p1, [event(p1, "created")])
+    with pytest.raises(VersionConflict):
+        await store.update_payment(
+            advanced(advanced(p1, Status.PENDING), Status.FAILED), 2, [event(p1, "lost")]
+        )
+    p2 = advanced(p1, Status.AUTHORIZED)
+    await store.update_payment(p2, 1, [event(p2, "authorized"), event(p2, "captured")])
+    p3 = advanced(p2, Status.CAPTURED)
+    await store.update_payment(p3, 2, [event(p3, "a_late_event_sorting_first")])
+
+    events = await store.outbox_events(p1.id)
+    assert [e.type for e in events] == [
+        "payment.created", "payment.authorized", "payment.captured", "payment.a_late_event_sorting_first",
+    ]  # fmt: skip
+    assert events[1] == event(p2, "authorized")
+    assert await store.outbox_events("pay_missing") == []
+    assert await backend.query("SELECT DISTINCT delivered_at, attempts FROM outbox") == [(None, 0)]
+
+
+async def test_list_by_status_filters_and_orders_oldest_first(store: PaymentStore) -> None:
+    rows = [
+        make_payment(1, status=Status.PENDING, updated_at=T0 + timedelta(minutes=3)),
+        make_payment(2, status=Status.PENDING, updated_at=T0 + timedelta(minutes=1)),
+        make_payment(3, status=Status.PROCESSING, updated_at=T0 + timedelta(minutes=2)),
+        make_payment(4, status=Status.CAPTURED, updated_at=T0),
+        make_payment(5, status=Status.PENDING, updated_at=T0 + timedelta(minutes=10)),
+        make_payment(6, status=Status.PENDING, updated_at=T0 + timedelta(minutes=5)),  # not before cutoff
+    ]
+    await asyncio.gather(*(store.insert_payment(p) for p in rows))
+    cutoff = T0 + timedelta(minutes=5)
+
+    found = await store.list_by_status([Status.PENDING, Status.PROCESSING], cutoff)
+    assert [p.id for p in found] == ["pay_00002", "pay_00003", "pay_00001"]
+    assert found[0] == rows[1]
+    assert [p.id for p in await store.list_by_status([Status.PENDING], cutoff, limit=1)] == ["pay_00002"]
+    assert [p.id for p in await store.list_by_status([Status.CAPTURED], cutoff)] == ["pay_00004"]
+    # The same instant in another offset is the same cutoff.
+    other_offset = cutoff.astimezone(timezone(timedelta(hours=-7)))
+    assert [p.id for p in await store.list_by_status([Status.PENDING], other_offset)] == [
+        "pay_00002",
+        "pay_00001",
+    ]
+    assert await store.list_by_status([], cutoff) == []
+
+
+async def test_data_survives_a_new_store_on_the_same_database(backend: Backend, store: PaymentStore) -> None:
+    p = make_payment(1)
+    await store.insert_payment(p, [event(p, "created")])
+    await store.close()
+
+    async with backend.open() as second:
+        assert await second.get_payment(p.id) == p
+        assert await second.outbox_events(p.id) == [event(p, "created")]
+        await second.ping()
+        p2 = advanced(p, Status.AUTHORIZED)
+        await second.update_payment(p2, 1, [event(p2, "authorized")])
+    async with backend.open() as third:
+        assert await third.get_payment(p.id) == p2
+        assert [e.type for e in await third.outbox_events(p.id)] == ["payment.created", "payment.authorized"]
+
+
+async def test_migrations_run_once_and_a_restart_reapplies_none(
+    backend: Backend, store: PaymentStore
+) -> None:
+    assert backend.migration_count >= 1
+    assert await backend.migrations_applied() == backend.migration_count
+    await store.insert_payment(make_payment(1))
+
+    # Re-running 0001 would fail on CREATE TABLE: a clean restart proves nothing was re-applied.
+    for _ in range(2):
+        async with backend.open() as again:
+            assert await again.get_payment("pay_00001") == make_payment(1)
+    assert await backend.migrations_applied() == backend.migration_count
+
+
+async def test_a_closed_store_refuses_work(backend: Backend, store: PaymentStore) -> None:
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        await store.insert_payment(make_payment(1))
+    with pytest.raises(RuntimeError):
+        await store.ping()
+    with pytest.raises(RuntimeError):
+        await store.start()
+    async with backend.open() as other:
+        assert await other.get_payment("pay_00001") is None
+
+
+# --------------------------------------------------------------------------- PostgreSQL only
+
+
+async def test_postgres_columns_are_typed(pg_store: PostgresStore) -> None:
+    p = make_payment(1, amount=2**40)  # beyond 32 bits: BIGINT minor units
+    await pg_store.insert_payment(p, [event(p, "created")])
+    conn = await asyncpg.connect(pg_store.dsn, timeout=5)
+    try:
+        row = await conn.fetchrow("SELECT amount, created_at, updated_at FROM payments")
+        types = await conn.fetch(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND column_name IN ('amount', 'doc', 'created_at', 'payload')"
+        )
+    finally:
+        await conn.close()
+    assert tuple(row) == (2**40, T0, T0)
+    assert {(r["table_name"], r["column_name"]): r["data_type"] for r in types} == {
+        ("payments", "amount"): "bigint",
+        ("payments", "doc"): "bytea",
+        ("payments", "created_at"): "timestamp with time zone",
+        ("operations", "amount"): "bigint",
+        ("operations", "created_at"): "timestamp with time zone",
+        ("outbox", "payload"): "bytea",
+        ("outbox", "created_at"): "timestamp with time zone",
+    }
+
+
+async def test_postgres_migrations_are_recorded_and_race_free(fresh_postgres_dsn: str) -> None:
+    migrations = load_migrations()
+    assert migrations[0].name == "0001_init.sql"
+    stores = [PostgresStore(fresh_postgres_dsn, min_size=1, max_size=2) for _ in range(4)]
+    # Four instances starting together on an empty database: the advisory lock lets one migrate.
+    results = await asyncio.gather(*(s.start() for s in stores), return_exceptions=True)
+    try:
+        assert results == [None] * 4
+        await stores[0].insert_payment(make_payment(1))
+        assert await stores[3].get_payment("pay_00001") == make_payment(1)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+    rows = await _fetch(fresh_postgres_dsn, "SELECT version, name FROM schema_migrations ORDER BY version")
+    assert rows == [(m.version, m.name) for m in migrations]
+
+    # A release that adds one migration: only it runs.
+    extra = Migration(len(migrations) + 1, "9999_probe.sql", "-- probe\nCREATE TABLE probe (x INTEGER);\n")
+    upgraded = PostgresStore(fresh_postgres_dsn, migrations=[*migrations, extra])
+    await upgraded.start()
+    try:
+        assert await upgraded.get_payment("pay_00001") == make_payment(1)
+    finally:
+        await upgraded.close()
+    assert await _fetch(fresh_postgres_dsn, "SELECT count(*) FROM probe") == [(0,)]
+    assert (
+        len(await _fetch(fresh_postgres_dsn, "SELECT version FROM schema_migrations")) == len(migrations) + 1
+    )
+
+    # Code older than the database refuses to run against it rather than guess.
+    older = PostgresStore(fresh_postgres_dsn)
+    with pytest.raises(RuntimeError, match="does not have"):
+        await older.start()
+    with pytest.raises(RuntimeError):  # and a store that failed to start does not serve
+        await older.ping()
+
+
+async def test_postgres_failing_migration_leaves_the_database_untouched(fresh_postgres_dsn: str) -> None:
+    broken = [
+        *load_migrations(),
+        Migration(2, "0002_broken.sql", "CREATE TABLE t (x int);\nCREATE TABLE t (x int);"),
+    ]
+    with pytest.raises(asyncpg.DuplicateTableError):
+        await PostgresStore(fresh_postgres_dsn, migrations=broken).start()
+    tables = await _fetch(
+        fresh_postgres_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+    )
+    assert tables == []
+
+
+async def test_postgres_constructor_rejects_unbounded_or_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        PostgresStore("postgresql://x/y", command_timeout_s=0)
+    with pytest.raises(ValueError):
+        PostgresStore("postgresql://x/y", min_size=5, max_size=2)
+    with pytest.raises(ValueError):
+        PostgresStore("postgresql://x/y", batch_max=0)
+
+
+async def test_unreachable_postgres_fails_start_with_store_unavailable() -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{closed_port()}/postgres"
+    store = PostgresStore(dsn, connect_timeout_s=1, command_timeout_s=1)
+    with pytest.raises(StoreUnavailable):
+        await store.start()
+
+
+async def test_a_lost_database_turns_every_call_into_store_unavailable(pg_store: PostgresStore) -> None:
+    target = _host_port(pg_store.dsn)
+    async with TcpProxy(*target) as proxy:
+        store = PostgresStore(proxy.dsn(pg_store.dsn), min_size=1, max_size=2, connect_timeout_s=1,
+                              command_timeout_s=1)  # fmt: skip
+        await store.start()
+        try:
+            p = make_payment(1)
+            await store.insert_payment(p)
+            proxy.cut()  # the connections drop and new ones are refused
+
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            with pytest.raises(StoreUnavailable):
+                await store.insert_payment(make_payment(2))
+            with pytest.raises(StoreUnavailable):
+                await store.update_payment(advanced(p, Status.AUTHORIZED), 1)
+            with pytest.raises(StoreUnavailable):
+                await store.get_payment(p.id)
+        finally:
+            await store.close()
+    assert await pg_store.get_payment(p.id) == p
+    assert await pg_store.get_payment("pay_00002") is None
+
+
+async def test_a_silent_database_turns_into_store_unavailable(pg_store: PostgresStore) -> None:
+    async with TcpProxy(*_host_port(pg_store.dsn)) as proxy:
+        store = PostgresStore(proxy.dsn(pg_store.dsn), min_size=1, max_size=1, connect_timeout_s=0.5,
+                              command_timeout_s=0.5)  # fmt: skip
+        await store.start()
+        try:
+            proxy.stall()  # connections stay open but nothing comes back: a network black hole
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            with pytest.raises(StoreUnavailable):
+                await store.insert_payment(make_payment(1))
+        finally:
+            await store.close()
+    assert await pg_store.get_payment("pay_00001") is None
+
+
+# --------------------------------------------------------------------------- services
+
+
+async def test_redis_url_is_a_private_server(redis_url: str) -> None:
+    host_port = redis_url.removeprefix("redis://").split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        await writer.drain()
+        assert await reader.readline() == b"+OK\r\n"
+        assert await reader.readline() == b"$1\r\n"
+        assert await reader.readline() == b"v\r\n"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _fetch(dsn: str, sql: str) -> Rows:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+def _host_port(dsn: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(dsn)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # nothing listens on it now: connecting is refused
+
+
+class TcpProxy:
+    """A loopback TCP relay to PostgreSQL that a test can cut (refuse) or stall (black hole)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.mode = "open"  # open | stalled | cut
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+
+    def dsn(self, dsn: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        assert self._server is not None
+        listen_port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(dsn)
+        netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{listen_port}"))
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        self._closing.set()  # handlers end on their own (cancelling them makes asyncio log noise)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self.mode = "cut"
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    def stall(self) -> None:
+        self.mode = "stalled"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        try:
+            if self.mode != "open":
+                await self._closing.wait()  # accepted, never answered
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+            self._writers.append(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except OSError:
+            pass  # the server refused or dropped us: so does the proxy
+        finally:
+            writer.transport.abort()
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.mode == "stalled":
+                    continue  # swallowed
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
