@@ -293,4 +293,5 @@ class AdyenAdapter:
         err: wire.ServiceError = self._decode(wire.service_error_decoder, resp)
         code = err.error_code or str(resp.status)
         return ChannelResult(outcome=Outcome.SOFT_DECLINE, code=code,
-                             message=err.message or f"adyen answered {resp.status}")
+                             # the channel's free text may echo request data (card numbers): keep only the code
+                             message=f"adyen answered {resp.status}")

@@ -173,6 +173,9 @@ class SandboxAdapter:
 
     @staticmethod
     def _decode(decoder: msgspec.json.Decoder[Any], resp: WireResponse) -> Any:
+        ctype = next((v for k, v in resp.headers.items() if k.lower() == "content-type"), "")
+        if not ctype.lower().startswith("application/json"):
+            raise OutcomeUnknown(f"{resp.status} answer is {ctype or 'untyped'}, not JSON", code="malformed_response")
         try:
             return decoder.decode(resp.body)
         except msgspec.DecodeError:
@@ -209,4 +212,5 @@ class SandboxAdapter:
             raise ChannelUnavailable(f"channel answered {resp.status}", code=code)
         if resp.status >= 500 or resp.status == 409 or err is None:
             raise OutcomeUnknown(f"channel answered {resp.status}", code=code)
-        return ChannelResult(outcome=Outcome.SOFT_DECLINE, code=code, message=err.message or f"channel answered {resp.status}")
+        # the channel's free text may echo request data (card numbers): keep only the code
+        return ChannelResult(outcome=Outcome.SOFT_DECLINE, code=code, message=f"channel answered {resp.status} {code}")

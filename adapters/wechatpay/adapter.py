@@ -248,7 +248,7 @@ class WechatpayAdapter:
 
     def build_operation(self, op: ChannelOperation) -> WireRequest:
         if op.kind == "void":
-            path = f"/v3/pay/transactions/out-trade-no/{quote(op.channel_reference, safe='')}/close"
+            path = f"/v3/pay/transactions/out-trade-no/{quote(wire.out_trade_no(op.channel_reference), safe='')}/close"
             return self._request("POST", path, msgspec.json.encode(wire.CloseRequest(mchid=self._mchid)))
         if op.kind == "refund":
             if op.currency != "CNY":
@@ -359,4 +359,4 @@ class WechatpayAdapter:
                 return ChannelResult(outcome=Outcome.HARD_DECLINE, code=code, message="the order does not exist")
             raise OutcomeUnknown(f"{context} answered {resp.status} {label}", code=label)
         # WeChat's message is a description for people (often Chinese); kept, cut to a sane length
-        return ChannelResult(outcome=verdict, code=code, message=f"wechatpay {code}: {err.message[:200] if err else ''}")
+        return ChannelResult(outcome=verdict, code=code, message=f"wechatpay answered {code}")

@@ -267,7 +267,8 @@ def test_maybe_processed_statuses_are_unknown(adapter: AdyenAdapter, status: int
 def test_validation_errors_are_soft_declines_with_adyens_code(adapter: AdyenAdapter, status: int) -> None:
     body = {"status": status, "errorCode": "101", "message": "Invalid card number", "errorType": "validation"}
     r = adapter.parse_authorize(resp(status, body))
-    assert (r.outcome, r.code, r.message) == (Outcome.SOFT_DECLINE, "101", "Invalid card number")
+    assert (r.outcome, r.code) == (Outcome.SOFT_DECLINE, "101")
+    assert "Invalid card number" not in (r.message or "")  # free text may echo card data: not kept
     r = adapter.parse_operation(operation("refund"), resp(status, body))
     assert (r.outcome, r.code) == (Outcome.SOFT_DECLINE, "101")
 
