@@ -1,0 +1,174 @@
+"""Scale-out mode on real Redis and PostgreSQL: the same guarantees across instances, and fail-closed.
+
+Two payroute apps share one PostgreSQL database and one Redis (each test gets a fresh database and a
+flushed private redis-server), in front of the same sandbox channel, whose ledger counts real charges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from aiohttp import web
+
+from adapters.sandbox.server import RunningChannel, Script
+from router.app import create_app
+from router.config import Config, check
+from router.idempotency_redis import make_redis
+from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES
+from tests.conftest import API_KEY, channel_entry, no_sleep, payment_body
+from tests.services import start_redis, stop
+
+Start = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+def scaleout_config(dsn: str, redis_url: str, channel: RunningChannel, tmp: Path, **extra: Any) -> Config:
+    raw: dict[str, Any] = {
+        "storage": {"mode": "scaleout", "postgres_dsn": dsn, "redis_url": redis_url},
+        "channels": [channel_entry("a", channel)],
+        "merchants": [{"id": "alpha", "api_keys": [{"key": API_KEY}]}],
+        **extra,
+    }
+    cfg = msgspec.convert(raw, Config)
+    assert not check(cfg, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+    return cfg
+
+
+@pytest.fixture
+async def instances(fresh_postgres_dsn: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Start]:
+    flush = make_redis(redis_url)
+    await flush.flushall()
+    await flush.aclose()
+    running: list[tuple[web.AppRunner, httpx.AsyncClient]] = []
+
+    async def start(channel: RunningChannel, *, redis: str | None = None, **extra: Any) -> httpx.AsyncClient:
+        cfg = scaleout_config(fresh_postgres_dsn, redis or redis_url, channel, tmp_path, **extra)
+        runner = web.AppRunner(create_app(cfg, sleep=no_sleep))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+                                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        running.append((runner, client))
+        return client
+
+    yield start
+    for runner, client in reversed(running):
+        await client.aclose()
+        await runner.cleanup()
+
+
+async def test_100_identical_requests_over_two_instances_charge_once(sandbox, instances) -> None:
+    a = await sandbox("a", Script(latency_ms=30))
+    one, two = await instances(a), await instances(a)
+    body = payment_body(merchant_order_id="so-1")
+    results = await asyncio.gather(*(
+        (one if i % 2 else two).post("/v1/payments", json=body, headers={"Idempotency-Key": "so-key"})
+        for i in range(100)
+    ))
+    assert len(a.channel.charges) == 1
+    created = [r for r in results if r.status_code == 201]
+    assert created and all(r.content == created[0].content for r in created)
+    assert {r.status_code for r in results} <= {201, 409}
+    for client in (one, two):  # later replays, from either instance, are byte-identical
+        again = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": "so-key"})
+        assert again.content == created[0].content and again.headers["Idempotent-Replayed"] == "true"
+    pid = created[0].json()["id"]
+    assert (await two.get(f"/v1/payments/{pid}")).json()["status"] == "captured"
+
+
+async def test_redis_flushed_mid_run_then_1000_replays_charge_nothing_new(sandbox, instances, redis_url) -> None:
+    a = await sandbox("a")
+    one, two = await instances(a), await instances(a)
+    bodies = [payment_body(merchant_order_id=f"fl-{i}") for i in range(200)]
+    first = await asyncio.gather(*(
+        (one if i % 2 else two).post("/v1/payments", json=b, headers={"Idempotency-Key": f"fl-{i}"})
+        for i, b in enumerate(bodies)
+    ))
+    assert all(r.status_code == 201 for r in first)
+    charges = len(a.channel.charges)
+    assert charges == 200
+    client = make_redis(redis_url)
+    await client.flushall()  # every idempotency record and lock is gone
+    await client.aclose()
+    replays = await asyncio.gather(*(
+        (two if i % 2 else one).post("/v1/payments", json=bodies[i % 200], headers={"Idempotency-Key": f"fl-{i % 200}"})
+        for i in range(1000)
+    ))
+    assert len(a.channel.charges) == charges  # zero new charges: the durable record refuses the orders
+    for r in replays:
+        assert r.status_code in (201, 409), r.text
+        if r.status_code == 409:
+            assert r.json()["code"] in ("duplicate_merchant_order_id", "order_in_progress", "idempotency_key_in_use")
+
+
+async def test_channel_slower_than_the_lock_ttl_still_charges_once(sandbox, instances) -> None:
+    a = await sandbox("a", Script(latency_ms=600))
+    one, two = await instances(a, duplicates={"order_lock_ttl_ms": 100}), await instances(a, duplicates={"order_lock_ttl_ms": 100})
+    body = payment_body(merchant_order_id="slow-1")
+    slow = asyncio.create_task(one.post("/v1/payments", json=body, headers={"Idempotency-Key": "s-1"}))
+    await asyncio.sleep(0.3)  # the lock has expired while the channel is still working
+    dup = await two.post("/v1/payments", json=body, headers={"Idempotency-Key": "s-2"})
+    assert dup.status_code == 409 and dup.json()["code"] == "duplicate_merchant_order_id"
+    assert (await slow).status_code == 201
+    assert len(a.channel.charges) == 1
+
+
+async def test_redis_down_fails_closed_and_recovers_without_restart(sandbox, instances) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    proc, port = start_redis(binary)
+    a = await sandbox("a")
+    c = await instances(a, redis=f"redis://127.0.0.1:{port}/0")
+    try:
+        assert (await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-0"))).status_code == 201
+        stop(proc)
+        r = await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-1"), headers={"Idempotency-Key": "rd-1"})
+        assert r.status_code == 503 and r.json()["code"] == "service_unavailable"
+        assert len(a.channel.charges) == 1  # no channel was called
+        ready = await c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["dependencies"] == {"coordination": "CoordinationUnavailable"}
+        proc, _ = start_redis_on(binary, port)
+        r = await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-1"), headers={"Idempotency-Key": "rd-1"})
+        assert r.status_code == 201 and len(a.channel.charges) == 2
+        assert (await c.get("/readyz")).status_code == 200
+    finally:
+        stop(proc)
+
+
+def start_redis_on(binary: str, port: int):  # type: ignore[no-untyped-def]
+    import subprocess
+    import time
+
+    from tests.services import redis_answers_ping
+
+    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not redis_answers_ping(port):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    return proc, port
+
+
+async def test_postgres_unreachable_fails_closed(sandbox, redis_url, tmp_path) -> None:
+    a = await sandbox("a")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    cfg = scaleout_config(f"postgresql://postgres@127.0.0.1:{closed}/none", redis_url, a, tmp_path)
+    app = create_app(cfg)
+    runner = web.AppRunner(app)
+    with pytest.raises(Exception) as e:  # start-up itself refuses: nothing is served on a store it cannot reach
+        await runner.setup()
+    assert "Unavailable" in type(e.value).__name__
+    await runner.cleanup()
+    assert a.channel.charges == []
