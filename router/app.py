@@ -37,6 +37,7 @@ from router.errors import (
     StoreUnavailable,
     invalid_request,
 )
+from router.faults import crash_point
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.janitor import Janitor
 from router.locks import MemoryOrderLocks, OrderLocks, coordination_errors
@@ -171,6 +172,7 @@ async def idempotent(
     material = request.method.encode() + b" " + request.path.encode() + b"\n" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
     fingerprint = hmac.new(rt.fingerprint_key, material, hashlib.sha256).hexdigest()
     claim = await store.claim(merchant, key, fingerprint)
+    crash_point("after_claim")
     if claim.replay is not None:
         request.app[METRICS].idempotent_replays.inc()
         r = claim.replay

@@ -39,6 +39,7 @@ from router.errors import (
     ProblemError,
     VersionConflict,
 )
+from router.faults import crash_point
 from router.locks import MemoryOrderLocks, OrderLocks, order_lock
 from router.metrics import Metrics
 from router.model import (
@@ -241,6 +242,7 @@ class Pipeline:
 
         # 3. record that we are about to call channels: a crash from here on leaves a trace to recover
         await self._insert(payment)
+        crash_point("after_record")
 
         # 4. attempts
         deadline = self._clock() + cfg.server.payment_deadline_ms / 1000
@@ -309,6 +311,7 @@ class Pipeline:
             version=payment.version + 1,
             updated_at=utcnow(),
         )
+        crash_point("before_commit")
         try:
             await self.store.update_payment(done, payment.version, [event_for(done)])
         except VersionConflict:
@@ -398,6 +401,7 @@ class Pipeline:
         from router.transport import with_retries
 
         async def once() -> ChannelResult:
+            crash_point("during_send")
             resp = await ch.transport.send(wire, timeout_s=deadline - self._clock())
             try:
                 return parse(resp)

@@ -80,9 +80,16 @@ class Script(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     hang_s: float = 30.0
     outages: list[Outage] = []
     currencies: list[str] | None = None
+    # random faults per charge (deterministic per idempotency key): {"error_after": 0.01, "hang": 0.005, ...}
+    fault_rates: dict[str, float] = {}
 
     def __post_init__(self) -> None:
         _check_failure(self.failure)
+        for mode, rate in self.fault_rates.items():
+            if mode not in ("error_before", "error_after", "hang") or not 0.0 <= rate <= 1.0:
+                raise ValueError("fault_rates maps error_before / error_after / hang to a rate in [0, 1]")
+        if sum(self.fault_rates.values()) > 1.0:
+            raise ValueError("fault_rates must add up to at most 1")
         if not 0.0 <= self.approval_rate <= 1.0:
             raise ValueError("approval_rate must be within [0, 1]")
         if min(self.latency_ms, self.latency_jitter_ms, self.hang_s) < 0:
@@ -376,6 +383,16 @@ class SandboxChannel:
     # ----------------------------------------------------------------- charges
 
     @staticmethod
+    def sampled_fault(script: Script, key: str) -> str:
+        """The random fault drawn for this idempotency key ("none" mostly). Pure, like `decide`."""
+        u = _unit(hashlib.sha256(f"{script.seed}:{key}:fault".encode()).digest(), 0)
+        for mode, rate in sorted(script.fault_rates.items()):
+            if u < rate:
+                return mode
+            u -= rate
+        return "none"
+
+    @staticmethod
     def decide(script: Script, key: str, number: str) -> str | None:
         """The decline code for this charge, or None when approved. Pure: same inputs, same answer."""
         if number in TEST_CARDS:
@@ -398,6 +415,8 @@ class SandboxChannel:
         if isinstance(claim, web.Response):
             return await self._answer(script, request.headers.get("Idempotency-Key", ""), claim)
         failure = self.current_failure()
+        if failure == "none" and script.fault_rates:
+            failure = self.sampled_fault(script, claim.key)
         if failure == "error_before":
             unavailable = _error(
                 503, "unavailable", "channel unavailable; nothing was processed", accepted=False

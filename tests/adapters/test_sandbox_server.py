@@ -546,3 +546,13 @@ def test_script_rejects_nonsense() -> None:
         Outage(start_s=5, end_s=1, failure="hang")
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"outages": [{"start_s": 0, "end_s": 1, "failure": "boom"}]}, Script)
+
+
+def test_fault_rates_are_deterministic_and_close_to_their_rates() -> None:
+    script = Script(seed=3, fault_rates={"error_after": 0.1, "hang": 0.05})
+    draws = [SandboxChannel.sampled_fault(script, f"k{i}") for i in range(20_000)]
+    assert draws == [SandboxChannel.sampled_fault(script, f"k{i}") for i in range(20_000)]
+    assert abs(draws.count("error_after") / 20_000 - 0.1) < 0.01
+    assert abs(draws.count("hang") / 20_000 - 0.05) < 0.01
+    with pytest.raises(ValueError):
+        Script(fault_rates={"refuse": 0.1})
