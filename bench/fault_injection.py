@@ -125,7 +125,7 @@ async def main() -> None:
     unaccounted = 0
     statuses: Counter[str] = Counter()
     orders_charged: Counter[str] = Counter()
-    for pid, n in approved_by_payment.items():
+    for pid in approved_by_payment:
         p = await store.get_payment(pid)
         if p is None or p.status not in (Status.CAPTURED, Status.AUTHORIZED):
             unaccounted += 1
