@@ -466,11 +466,16 @@ def create_app(
         await app[RUNTIME].close()
 
     async def janitor_ctx(app: web.Application) -> AsyncIterator[None]:
-        task = None
+        tasks = []
         if cfg.janitor.enabled:
-            task = asyncio.create_task(Janitor(app[PIPELINE], m, cfg.janitor).run_forever())
+            tasks.append(asyncio.create_task(Janitor(app[PIPELINE], m, cfg.janitor).run_forever()))
+        stats = app[RUNTIME].current.env.state.get("success_stats")
+        if coordination.redis is not None and stats is not None:
+            from router.stats_sync import StatsSync
+
+            tasks.append(asyncio.create_task(StatsSync(coordination.redis, stats).run_forever()))
         yield
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
