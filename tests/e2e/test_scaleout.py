@@ -172,3 +172,54 @@ async def test_postgres_unreachable_fails_closed(sandbox, redis_url, tmp_path) -
     assert "Unavailable" in type(e.value).__name__
     await runner.cleanup()
     assert a.channel.charges == []
+
+
+async def test_two_payroute_processes_charge_once(fresh_postgres_dsn, redis_url, tmp_path) -> None:
+    """The same guarantee with two real processes sharing PostgreSQL and Redis."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.test_durability import ROOT, free_port, wait_ready
+
+    sbx_port, p1, p2 = free_port(), free_port(), free_port()
+    (tmp_path / "sbx.yaml").write_text(f"sandbox: [{{name: sbx, port: {sbx_port}, script: {{latency_ms: 50}}}}]\n")
+    flush = make_redis(redis_url)
+    await flush.flushall()
+    await flush.aclose()
+    procs = []
+
+    def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "router.cli", *args], cwd=ROOT, stdout=log, stderr=log,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+        procs.append(proc)
+        return proc
+
+    try:
+        spawn(["sandbox", "--config", str(tmp_path / "sbx.yaml")], "sandbox")
+        bases = []
+        for i, port in enumerate((p1, p2)):
+            cfg = tmp_path / f"p{i}.yaml"
+            cfg.write_text(f"""
+server: {{host: 127.0.0.1, port: {port}}}
+storage: {{mode: scaleout, postgres_dsn: "{fresh_postgres_dsn}", redis_url: "{redis_url}"}}
+channels: [{{name: sbx, adapter: sandbox, base_url: "http://127.0.0.1:{sbx_port}"}}]
+merchants: [{{id: alpha, api_keys: [{{key: {API_KEY}}}]}}]
+""")
+            proc = spawn(["serve", "--config", str(cfg)], f"payroute-{i}")
+            await wait_ready(f"http://127.0.0.1:{port}", proc)
+            bases.append(f"http://127.0.0.1:{port}")
+        headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "two-procs"}
+        body = payment_body(merchant_order_id="two-procs")
+        async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+            results = await asyncio.gather(*(c.post(f"{bases[i % 2]}/v1/payments", json=body) for i in range(100)))
+            ledger = (await c.get(f"http://127.0.0.1:{sbx_port}/_sandbox/ledger")).json()
+        assert ledger["totals"]["count"] == 1
+        created = [r for r in results if r.status_code == 201]
+        assert created and all(r.content == created[0].content for r in created)
+        assert {r.status_code for r in results} <= {201, 409}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
