@@ -148,9 +148,12 @@ class Pipeline:
                     "retry shortly: you will get the existing payment's id",
                     [FieldError("merchant_order_id", "in_progress", "another request is processing this order")],
                 )
-            existing = await self.store.find_by_order(req.merchant_id, req.merchant_order_id)
-            if existing is not None:
-                raise _duplicate_order(existing.id)
+            if dup.fingerprint_mode == "block":
+                # a retry of the same order must be told about its payment, not called a look-alike;
+                # otherwise the insert's unique constraint says so without this extra read
+                existing = await self.store.find_by_order(req.merchant_id, req.merchant_order_id)
+                if existing is not None:
+                    raise _duplicate_order(existing.id)
             payment_id = new_id("pay")
             duplicate_of = None
             fp = fingerprint(req) if dup.fingerprint_mode != "off" else None
