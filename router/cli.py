@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--merchant", help="merchant id (default: the first merchant in the config)")
     ex.add_argument("--payment-id", default="pay_explain", help="seed for sticky weighted choices (default pay_explain)")
     ex.set_defaults(func=cmd_route_explain)
+    from router.lab.cli import add_lab_parser
+
+    add_lab_parser(sub)  # payroute lab run | lab replay
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file", description=(

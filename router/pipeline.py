@@ -262,8 +262,10 @@ class Pipeline:
             attempt, result = await self._attempt(ch, seq, payment, req, card, deadline, cfg.server.public_url)
             attempts.append(attempt)
             outcome = attempt.outcome
-            if stats is not None:
-                # only what the channel caused moves its success rate (a card's own decline does not)
+            if stats is not None and (seq == 1 or outcome in (Outcome.UNAVAILABLE, Outcome.UNKNOWN)):
+                # only what the channel caused moves its success rate (a card's own decline does not);
+                # a fail-over attempt carries a card another channel just declined, so its approval
+                # odds are not the channel's: only its infrastructure failures count
                 verdict = counts_for_channel(outcome.value, attempt.code)
                 if verdict is not None:
                     stats.record_outcome(ch.name, ctx, verdict, time.time())
