@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import orjson
@@ -48,8 +48,15 @@ from router.openapi import OPENAPI
 from router.pipeline import Pipeline, new_id, payment_json
 from router.runtime import Runtime, RuntimeHolder
 from router.runtime import load as load_runtime_config
-from router.store.base import PaymentStore
+from router.store.base import DurableStore, PaymentStore
 from router.validation import Limits, validate_payment
+from router.webhooks import (
+    WEBHOOKS,
+    WebhookDispatcher,
+    dispatcher_ctx,
+    endpoints_from_merchants,
+    register_webhook_routes,
+)
 
 log = logging.getLogger("payroute.app")
 
@@ -502,7 +509,11 @@ def create_app(
     app[STATE]["server_overrides"] = server_overrides
     app.on_startup.append(on_startup)
 
-    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, janitor_ctx])
+    app[WEBHOOKS] = WebhookDispatcher(
+        cast(DurableStore, the_store), lambda: endpoints_from_merchants(app[RUNTIME].current.config.merchants),
+        cfg.webhooks, m.webhooks,
+    )
+    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, janitor_ctx, dispatcher_ctx()])
     app.on_shutdown.append(on_shutdown)
 
     r = app.router
@@ -512,6 +523,7 @@ def create_app(
     r.add_post("/v1/payments/{id}/void", _operation_handler("void"))
     r.add_post("/v1/payments/{id}/refunds", _operation_handler("refund"))
     r.add_post("/callbacks/{channel}", channel_callback)
+    register_webhook_routes(r, authenticate_admin)
     r.add_post("/admin/v1/config/reload", admin_reload)
     r.add_get("/admin/v1/config", admin_config)
     r.add_get("/healthz", healthz)

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.lab.cli import add_lab_parser
 
     add_lab_parser(sub)  # payroute lab run | lab replay
+    from router.webhooks_cli import add_webhooks_parser
+
+    add_webhooks_parser(sub)  # payroute webhooks list | show | redrive
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file", description=(

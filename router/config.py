@@ -19,6 +19,7 @@ import msgspec
 import yaml
 
 from router.errors import ConfigError
+from router.webhooks import WebhooksSettings, check_webhooks_settings
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -169,6 +170,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     admin: AdminConfig = AdminConfig()
     janitor: JanitorSettings = JanitorSettings()
     duplicates: DuplicatesConfig = DuplicatesConfig()
+    webhooks: WebhooksSettings = WebhooksSettings()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
@@ -287,6 +289,7 @@ def check(
         add(("$.server.max_amount", "must be positive"))
     if cfg.server.payment_deadline_ms <= 0:
         add(("$.server.payment_deadline_ms", "must be positive"))
+    problems += check_webhooks_settings(cfg.webhooks)
     if cfg.duplicates.fingerprint_mode not in ("off", "flag", "block"):
         add(("$.duplicates.fingerprint_mode", "must be off, flag or block"))
     if cfg.duplicates.order_lock_ttl_ms <= 0 or cfg.duplicates.fingerprint_window_s <= 0:

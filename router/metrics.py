@@ -46,4 +46,7 @@ class Metrics:
             "payroute_recoveries", "Payments the janitor settled, by from/to status", ["from_status", "to_status"], registry=r
         )
         self.manual_reviews = Counter("payroute_manual_reviews", "Payments moved to manual review (alert on any)", registry=r)
+        from router.webhooks import WebhookMetrics
+
+        self.webhooks = WebhookMetrics(r)
         self.idempotent_replays = Counter("payroute_idempotent_replays", "Responses replayed for a reused Idempotency-Key", registry=r)

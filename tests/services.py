@@ -41,7 +41,8 @@ T = TypeVar("T")
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
-STORE_TABLES = ("payments", "attempts", "operations", "outbox")
+STORE_TABLES = ("payments", "attempts", "operations", "outbox", "webhook_endpoints", "webhook_deliveries",
+                "webhook_attempts")
 
 
 def unavailable(message: str) -> NoReturn:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any, NamedTuple
@@ -37,6 +37,18 @@ from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
 
 __all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
 from router.model import OutboxEvent, Payment, Status
+from router.money.ledger import LedgerEntry
+from router.store.base import (
+    DeliveryClaim,
+    DeliveryStatus,
+    DeliveryUpdate,
+    EndpointDecision,
+    EndpointStatus,
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+    manual_endpoint_state,
+)
 
 _encode = msgspec.json.Encoder().encode
 _decode_payment = msgspec.json.Decoder(Payment).decode
@@ -97,6 +109,8 @@ _UPSERT_OPERATION = """INSERT INTO operations (id, payment_id, kind, amount, sta
     channel_reference=excluded.channel_reference, code=excluded.code"""
 _INSERT_OUTBOX = """INSERT INTO outbox (id, merchant_id, payment_id, type, payload, created_at,
     next_attempt_at) VALUES ($1,$2,$3,$4,$5,$6,$7)"""
+_INSERT_LEDGER = """INSERT INTO ledger_entries (id, txn_id, account, amount_minor, currency, payment_id,
+    merchant_id, kind, posted_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"""
 
 
 def _ts(dt: datetime) -> datetime:
@@ -222,13 +236,15 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def insert_payment(self, payment: Payment, events: Sequence[OutboxEvent] = ()) -> None:
+    async def insert_payment(
+        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = ()
+    ) -> None:
         row = (
             payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
             payment.amount, payment.currency, payment.version, _ts(payment.created_at),
             _ts(payment.updated_at), _encode(payment),
         )  # fmt: skip
-        children = _children(payment, events)  # built first: a bad value fails before any I/O
+        children = _children(payment, events, ledger)  # built first: a bad value fails before any I/O
         async with self._connection() as conn, conn.transaction():
             if await conn.fetchval(_INSERT_PAYMENT, *row) is None:
                 # Read inside the same transaction, after the conflicting insert committed (READ
@@ -244,7 +260,8 @@ class PostgresStore:
             await _write_children(conn, children)
 
     async def update_payment(
-        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = ()
+        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
+        *, ledger: Sequence[LedgerEntry] = (),
     ) -> None:
         if payment.version != expected_version + 1:
             raise ValueError(
@@ -255,7 +272,7 @@ class PostgresStore:
             payment.status.value, payment.amount, payment.currency, payment.version,
             _ts(payment.updated_at), _encode(payment), payment.id, expected_version,
         )  # fmt: skip
-        children = _children(payment, events)
+        children = _children(payment, events, ledger)
         async with self._connection() as conn, conn.transaction():
             # A concurrent update of the same row makes this wait for it, then re-check the version
             # on the committed row: the loser updates 0 rows.
@@ -316,14 +333,282 @@ class PostgresStore:
             doc = await conn.fetchval(sql, *params)
         return None if doc is None else _decode_payment(doc)
 
+    # ------------------------------------------------------------------ webhook outbox (OutboxStore)
+
+    async def sync_webhook_endpoints(self, endpoints: Sequence[WebhookEndpointRow], now: datetime) -> None:
+        rows = [(e.id, e.merchant_id, e.url, _ts(now)) for e in endpoints]
+        if not rows:
+            return
+        async with self._connection() as conn:
+            await conn.executemany(
+                "INSERT INTO webhook_endpoints (id, merchant_id, url, updated_at) VALUES ($1,$2,$3,$4) "
+                "ON CONFLICT (id) DO UPDATE SET merchant_id = excluded.merchant_id, url = excluded.url",
+                rows,
+            )
+
+    async def list_webhook_endpoints(self) -> list[WebhookEndpointRow]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints ORDER BY id")
+        return [_endpoint(r) for r in rows]
+
+    async def set_webhook_endpoint_state(
+        self, endpoint_id: str, state: EndpointStatus, now: datetime, reason: str | None = None
+    ) -> WebhookEndpointRow | None:
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = $1 FOR UPDATE", endpoint_id
+            )
+            if row is None:
+                return None
+            ep = manual_endpoint_state(_endpoint(row), state, now, reason)
+            await _write_endpoint(conn, ep)
+            return ep
+
+    async def fan_out_events(
+        self, endpoints_by_merchant: Mapping[str, Sequence[str]], now: datetime, limit: int = 500
+    ) -> int:
+        async with self._connection() as conn, conn.transaction():
+            # One fan-out at a time across instances: with SKIP LOCKED instead, a later event of a
+            # payment could be fanned out (and sent) while an earlier one sat in another's batch.
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", FAN_OUT_LOCK_KEY):
+                return 0
+            events = await conn.fetch(
+                "SELECT seq, id, merchant_id, payment_id, type, created_at FROM outbox "
+                "WHERE fanned_out_at IS NULL ORDER BY seq LIMIT $1",
+                limit,
+            )
+            deliveries = [
+                (e["id"], ep, e["merchant_id"], e["payment_id"], e["seq"], e["type"], e["created_at"], _ts(now))
+                for e in events
+                for ep in endpoints_by_merchant.get(e["merchant_id"], ())
+            ]
+            if deliveries:
+                await conn.executemany(
+                    "INSERT INTO webhook_deliveries (event_id, endpoint_id, merchant_id, payment_id, seq, type, "
+                    "created_at, next_attempt_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING",
+                    deliveries,
+                )
+            if events:
+                await conn.execute(
+                    "UPDATE outbox SET fanned_out_at = $1 WHERE seq = ANY($2::bigint[])",
+                    _ts(now), [e["seq"] for e in events],
+                )
+            return len(events)
+
+    async def claim_deliveries(
+        self, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
+    ) -> list[DeliveryClaim]:
+        if limit <= 0:
+            return []
+        async with self._connection() as conn, conn.transaction():
+            active = await conn.fetchval(
+                "SELECT 1 FROM webhook_endpoints WHERE id = $1 AND state = 'active'", endpoint_id
+            )
+            if active is None:
+                return []
+            return await _pg_claim(conn, endpoint_id, now, lease_until, owner, limit)
+
+    async def claim_probe(
+        self, endpoint_id: str, now: datetime, next_probe_at: datetime, lease_until: datetime, owner: str
+    ) -> DeliveryClaim | None:
+        async with self._connection() as conn, conn.transaction():
+            moved = await conn.execute(
+                "UPDATE webhook_endpoints SET paused_until = $1, updated_at = $2 "
+                "WHERE id = $3 AND state = 'paused' AND (paused_until IS NULL OR paused_until <= $2)",
+                _ts(next_probe_at), _ts(now), endpoint_id,
+            )
+            if _rowcount(moved) == 0:
+                return None
+            claims = await _pg_claim(conn, endpoint_id, now, lease_until, owner, 1)
+            return claims[0] if claims else None
+
+    async def finish_attempt(
+        self, claim: DeliveryClaim, attempt: WebhookAttemptRow, update: DeliveryUpdate,
+        decide: EndpointDecision, now: datetime,
+    ) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+        async with self._connection() as conn, conn.transaction():
+            held = await conn.fetchval(
+                "SELECT 1 FROM webhook_deliveries WHERE event_id = $1 AND endpoint_id = $2 AND status = 'pending' "
+                "AND lease_owner = $3 AND attempts = $4 FOR UPDATE",
+                claim.event_id, claim.endpoint_id, claim.lease_owner, claim.attempts,
+            )
+            if held is None:
+                return None
+            await conn.execute(
+                "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
+                "status_code, error, response_snippet) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                attempt.event_id, attempt.endpoint_id, attempt.attempt, _ts(attempt.started_at), attempt.latency_ms,
+                attempt.outcome, attempt.status_code, attempt.error, attempt.response_snippet,
+            )
+            await conn.execute(
+                "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, round_attempts = round_attempts + 1, "
+                "next_attempt_at = $2, locked_until = NULL, lease_owner = NULL, "
+                "delivered_at = CASE WHEN $1 = 'delivered' THEN $3 ELSE delivered_at END, "
+                "dead_at = CASE WHEN $1 = 'dead' THEN $3 ELSE dead_at END, last_status_code = $4, last_error = $5 "
+                "WHERE event_id = $6 AND endpoint_id = $7",
+                update.status, _ts(update.next_attempt_at), _ts(now), attempt.status_code, attempt.error,
+                claim.event_id, claim.endpoint_id,
+            )
+            await conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = $1", claim.event_id)
+            if update.status == "delivered":
+                await conn.execute(
+                    "UPDATE outbox SET delivered_at = $1 WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM "
+                    "webhook_deliveries WHERE event_id = $2 AND status <> 'delivered')",
+                    _ts(now), claim.event_id,
+                )
+            row = await conn.fetchrow(
+                f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = $1 FOR UPDATE", claim.endpoint_id
+            )
+            before = _endpoint(row) if row is not None else WebhookEndpointRow(
+                id=claim.endpoint_id, merchant_id=claim.merchant_id, url="")
+            after = decide(before)
+            if after != before:
+                await _write_endpoint(conn, msgspec.structs.replace(after, updated_at=now))
+            return before, after
+
+    async def next_webhook_due(self, now: datetime) -> datetime | None:
+        async with self._connection() as conn:
+            due = await conn.fetchval(
+                "SELECT min(greatest(d.next_attempt_at, d.locked_until)) FROM webhook_deliveries d "
+                "JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.state = 'active' "
+                "WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p "
+                "WHERE p.endpoint_id = d.endpoint_id AND p.payment_id = d.payment_id AND p.status = 'pending' "
+                "AND p.seq < d.seq)"
+            )
+            probe = await conn.fetchval(
+                "SELECT min(coalesce(e.paused_until, $1)) FROM webhook_endpoints e WHERE e.state = 'paused' "
+                "AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending')",
+                _ts(now),
+            )
+        found: list[datetime] = [v for v in (due, probe) if v is not None]
+        return min(found) if found else None
+
+    async def list_webhook_deliveries(
+        self, *, status: DeliveryStatus | None = None, endpoint_id: str | None = None,
+        merchant_id: str | None = None, since: datetime | None = None, until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[WebhookDeliveryRow]:
+        where, params = _delivery_filter(status, endpoint_id, merchant_id, since, until)
+        sql = (
+            f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} ORDER BY created_at DESC, seq DESC "
+            f"LIMIT ${len(params) + 1}"
+        )
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *params, limit)
+        return [_delivery(r) for r in rows]
+
+    async def get_webhook_deliveries(self, event_id: str) -> list[WebhookDeliveryRow]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries WHERE event_id = $1 ORDER BY endpoint_id", event_id
+            )
+        return [_delivery(r) for r in rows]
+
+    async def webhook_attempts(self, event_id: str) -> list[WebhookAttemptRow]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT event_id, endpoint_id, attempt, started_at, latency_ms, outcome, status_code, error, "
+                "response_snippet FROM webhook_attempts WHERE event_id = $1 ORDER BY started_at, endpoint_id, attempt",
+                event_id,
+            )
+        return [WebhookAttemptRow(**dict(r)) for r in rows]
+
+    async def redrive_deliveries(
+        self, now: datetime, *, event_id: str | None = None, endpoint_id: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
+    ) -> int:
+        where, params = _delivery_filter("dead", endpoint_id, None, since, until)
+        if event_id is not None:
+            params.append(event_id)
+            where += f" AND event_id = ${len(params)}"
+        params.append(_ts(now))
+        sql = (
+            f"UPDATE webhook_deliveries SET status = 'pending', round_attempts = 0, next_attempt_at = ${len(params)}, "
+            f"dead_at = NULL, locked_until = NULL, lease_owner = NULL {where}"
+        )
+        async with self._connection() as conn:
+            return _rowcount(await conn.execute(sql, *params))
+
+
+FAN_OUT_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+_ENDPOINT_COLS = (
+    "id, merchant_id, url, state, consecutive_failures, failing_since, paused_until, disabled_reason, updated_at"
+)
+_DELIVERY_COLS = (
+    "event_id, endpoint_id, merchant_id, payment_id, type, status, attempts, round_attempts, created_at, "
+    "next_attempt_at, delivered_at, dead_at, last_status_code, last_error, locked_until"
+)
+
+
+def _endpoint(r: Any) -> WebhookEndpointRow:
+    return WebhookEndpointRow(**dict(r))
+
+
+def _delivery(r: Any) -> WebhookDeliveryRow:
+    return WebhookDeliveryRow(**dict(r))
+
+
+async def _write_endpoint(conn: Any, ep: WebhookEndpointRow) -> None:
+    await conn.execute(
+        "UPDATE webhook_endpoints SET state = $1, consecutive_failures = $2, failing_since = $3, paused_until = $4, "
+        "disabled_reason = $5, updated_at = coalesce($6, now()) WHERE id = $7",
+        ep.state, ep.consecutive_failures, ep.failing_since, ep.paused_until, ep.disabled_reason, ep.updated_at,
+        ep.id,
+    )
+
+
+def _delivery_filter(
+    status: str | None, endpoint_id: str | None, merchant_id: str | None, since: datetime | None,
+    until: datetime | None,
+) -> tuple[str, list[object]]:
+    clauses, params = ["TRUE"], list[object]()
+    for column, op, value in (
+        ("status", "=", status), ("endpoint_id", "=", endpoint_id), ("merchant_id", "=", merchant_id),
+        ("created_at", ">=", since), ("created_at", "<", until),
+    ):
+        if value is not None:
+            params.append(_ts(value) if isinstance(value, datetime) else value)
+            clauses.append(f"{column} {op} ${len(params)}")
+    return "WHERE " + " AND ".join(clauses), params
+
+
+async def _pg_claim(
+    conn: Any, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
+) -> list[DeliveryClaim]:
+    # SKIP LOCKED: another instance claiming the same endpoint right now takes other rows, never these;
+    # a row it leased and committed is re-checked on its new version (locked_until in the future).
+    rows = await conn.fetch(
+        "WITH picked AS (SELECT d.event_id FROM webhook_deliveries d WHERE d.endpoint_id = $1 "
+        "AND d.status = 'pending' AND d.next_attempt_at <= $2 AND (d.locked_until IS NULL OR d.locked_until <= $2) "
+        "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id "
+        "AND p.payment_id = d.payment_id AND p.status = 'pending' AND p.seq < d.seq) "
+        "ORDER BY d.next_attempt_at, d.seq LIMIT $3 FOR UPDATE OF d SKIP LOCKED) "
+        "UPDATE webhook_deliveries w SET locked_until = $4, lease_owner = $5 FROM picked, outbox o "
+        "WHERE w.endpoint_id = $1 AND w.event_id = picked.event_id AND o.id = w.event_id "
+        "RETURNING w.event_id, w.endpoint_id, w.merchant_id, w.payment_id, w.type, o.payload, w.attempts, "
+        "w.round_attempts, w.seq, w.next_attempt_at",
+        endpoint_id, _ts(now), limit, _ts(lease_until), owner,
+    )
+    rows = sorted(rows, key=lambda r: (r["next_attempt_at"], r["seq"]))
+    return [
+        DeliveryClaim(
+            event_id=r["event_id"], endpoint_id=r["endpoint_id"], merchant_id=r["merchant_id"],
+            payment_id=r["payment_id"], type=r["type"], payload=bytes(r["payload"]), attempts=r["attempts"],
+            round_attempts=r["round_attempts"], lease_owner=owner,
+        )
+        for r in rows
+    ]
+
+
 
 class _Children(NamedTuple):
     attempts: list[tuple[object, ...]]
     operations: list[tuple[object, ...]]
     outbox: list[tuple[object, ...]]
+    ledger: list[tuple[object, ...]]
 
 
-def _children(payment: Payment, events: Sequence[OutboxEvent]) -> _Children:
+def _children(payment: Payment, events: Sequence[OutboxEvent], ledger: Sequence[LedgerEntry] = ()) -> _Children:
     return _Children(
         attempts=[
             (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
@@ -338,6 +623,11 @@ def _children(payment: Payment, events: Sequence[OutboxEvent]) -> _Children:
             (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
             for e in events
         ],
+        ledger=[
+            (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind,
+             _ts(e.created_at))
+            for e in ledger
+        ],
     )  # fmt: skip
 
 
@@ -346,6 +636,7 @@ async def _write_children(conn: Any, children: _Children) -> None:
         (_UPSERT_ATTEMPT, children.attempts),
         (_UPSERT_OPERATION, children.operations),
         (_INSERT_OUTBOX, children.outbox),
+        (_INSERT_LEDGER, children.ledger),
     ):
         if rows:
             await conn.executemany(sql, rows)

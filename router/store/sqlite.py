@@ -23,7 +23,7 @@ import queue
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +35,18 @@ import msgspec
 
 from router.errors import DuplicateOrder, VersionConflict
 from router.model import OutboxEvent, Payment, Status
+from router.money.ledger import LedgerEntry
+from router.store.base import (
+    DeliveryClaim,
+    DeliveryStatus,
+    DeliveryUpdate,
+    EndpointDecision,
+    EndpointStatus,
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+    manual_endpoint_state,
+)
 
 T = TypeVar("T")
 _Row = tuple[object, ...]
@@ -84,6 +96,7 @@ class _Write:
     outbox: list[_Row]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    ledger: list[_Row] = field(default_factory=list)  # ledger entries, same savepoint
 
 
 _STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
@@ -102,6 +115,8 @@ _UPSERT_OPERATION = """INSERT INTO operations (id, payment_id, kind, amount, sta
     channel_reference=excluded.channel_reference, code=excluded.code"""
 _INSERT_OUTBOX = """INSERT INTO outbox (id, merchant_id, payment_id, type, payload, created_at,
     next_attempt_at) VALUES (?,?,?,?,?,?,?)"""
+_INSERT_LEDGER = """INSERT INTO ledger_entries (id, txn_id, account, amount_minor, currency, payment_id,
+    merchant_id, kind, posted_at) VALUES (?,?,?,?,?,?,?,?,?)"""
 
 
 def _ts(dt: datetime) -> str:
@@ -153,6 +168,10 @@ class SqliteStore:
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_conns_lock = threading.Lock()
+        # Webhook outbox writes (claims, results) run on a thread and connection of their own, so the
+        # payment group-commit loop stays as it is; SQLite's write lock serialises the two writers.
+        self._outbox_pool: ThreadPoolExecutor | None = None
+        self._outbox_conn: sqlite3.Connection | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +203,10 @@ class SqliteStore:
         assert self._writer is not None and self._reader_pool is not None
         self._writer.join()
         self._reader_pool.shutdown(wait=True)
+        if self._outbox_pool is not None:
+            self._outbox_pool.shutdown(wait=True)
+        if self._outbox_conn is not None:
+            self._outbox_conn.close()
         with self._reader_conns_lock:
             for conn in self._reader_conns:
                 conn.close()
@@ -230,16 +253,19 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ writes
 
-    async def insert_payment(self, payment: Payment, events: Sequence[OutboxEvent] = ()) -> None:
+    async def insert_payment(
+        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = ()
+    ) -> None:
         row = (
             payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
             payment.amount, payment.currency, payment.version, _ts(payment.created_at),
             _ts(payment.updated_at), _encode(payment),
         )
-        await self._submit(payment, row, None, events)
+        await self._submit(payment, row, None, events, ledger)
 
     async def update_payment(
-        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = ()
+        self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
+        *, ledger: Sequence[LedgerEntry] = (),
     ) -> None:
         if payment.version != expected_version + 1:
             raise ValueError(
@@ -250,10 +276,11 @@ class SqliteStore:
             payment.status.value, payment.amount, payment.currency, payment.version,
             _ts(payment.updated_at), _encode(payment), payment.id, expected_version,
         )
-        await self._submit(payment, row, expected_version, events)
+        await self._submit(payment, row, expected_version, events, ledger)
 
     async def _submit(
-        self, payment: Payment, row: _Row, expected_version: int | None, events: Sequence[OutboxEvent]
+        self, payment: Payment, row: _Row, expected_version: int | None, events: Sequence[OutboxEvent],
+        ledger: Sequence[LedgerEntry] = (),
     ) -> None:
         if self._state != "running" or self._writer is None or not self._writer.is_alive():
             raise RuntimeError(f"SqliteStore is {self._state} (or its writer thread died)")
@@ -275,6 +302,11 @@ class SqliteStore:
             outbox=[
                 (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
                 for e in events
+            ],
+            ledger=[
+                (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind,
+                 _ts(e.created_at))
+                for e in ledger
             ],
             loop=loop,
             future=loop.create_future(),
@@ -357,6 +389,7 @@ class SqliteStore:
         conn.executemany(_UPSERT_ATTEMPT, write.attempts)
         conn.executemany(_UPSERT_OPERATION, write.operations)
         conn.executemany(_INSERT_OUTBOX, write.outbox)
+        conn.executemany(_INSERT_LEDGER, write.ledger)
 
     # ------------------------------------------------------------------ reads
 
@@ -424,6 +457,325 @@ class SqliteStore:
             with self._reader_conns_lock:
                 self._reader_conns.append(conn)
         return query(conn)
+
+    # ------------------------------------------------------------------ webhook outbox (OutboxStore)
+
+    async def _outbox_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one BEGIN IMMEDIATE transaction on the outbox thread; committed on return."""
+        if self._state != "running":
+            raise RuntimeError(f"SqliteStore is {self._state}")
+        if self._outbox_pool is None:
+            self._outbox_pool = ThreadPoolExecutor(1, thread_name_prefix="payroute-sqlite-outbox")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._outbox_pool, self._on_outbox, work)
+
+    def _on_outbox(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._outbox_conn is None:
+            self._outbox_conn = self._connect()
+        conn = self._outbox_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def sync_webhook_endpoints(self, endpoints: Sequence[WebhookEndpointRow], now: datetime) -> None:
+        rows = [(e.id, e.merchant_id, e.url, _ts(now)) for e in endpoints]
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO webhook_endpoints (id, merchant_id, url, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT (id) DO UPDATE SET merchant_id=excluded.merchant_id, url=excluded.url",
+                rows,
+            )
+
+        await self._outbox_write(work)
+
+    async def list_webhook_endpoints(self) -> list[WebhookEndpointRow]:
+        rows = await self._read(lambda c: c.execute(f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints ORDER BY id").fetchall())
+        return [_endpoint(r) for r in rows]
+
+    async def set_webhook_endpoint_state(
+        self, endpoint_id: str, state: EndpointStatus, now: datetime, reason: str | None = None
+    ) -> WebhookEndpointRow | None:
+        def work(conn: sqlite3.Connection) -> WebhookEndpointRow | None:
+            row = conn.execute(f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (endpoint_id,)).fetchone()
+            if row is None:
+                return None
+            ep = manual_endpoint_state(_endpoint(row), state, now, reason)
+            _write_endpoint(conn, ep)
+            return ep
+
+        return await self._outbox_write(work)
+
+    async def fan_out_events(
+        self, endpoints_by_merchant: Mapping[str, Sequence[str]], now: datetime, limit: int = 500
+    ) -> int:
+        stamp = _ts(now)
+
+        def work(conn: sqlite3.Connection) -> int:
+            events = conn.execute(
+                "SELECT rowid, id, merchant_id, payment_id, type, created_at FROM outbox "
+                "WHERE fanned_out_at IS NULL ORDER BY rowid LIMIT ?",
+                (limit,),
+            ).fetchall()
+            deliveries = [
+                (eid, ep, merchant, payment, seq, etype, created, stamp)
+                for seq, eid, merchant, payment, etype, created in events
+                for ep in endpoints_by_merchant.get(merchant, ())
+            ]
+            conn.executemany(
+                "INSERT INTO webhook_deliveries (event_id, endpoint_id, merchant_id, payment_id, seq, type, "
+                "created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                deliveries,
+            )
+            conn.executemany("UPDATE outbox SET fanned_out_at = ? WHERE rowid = ?", [(stamp, e[0]) for e in events])
+            return len(events)
+
+        return await self._outbox_write(work)
+
+    async def claim_deliveries(
+        self, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
+    ) -> list[DeliveryClaim]:
+        def work(conn: sqlite3.Connection) -> list[DeliveryClaim]:
+            active = conn.execute(
+                "SELECT 1 FROM webhook_endpoints WHERE id = ? AND state = 'active'", (endpoint_id,)
+            ).fetchone()
+            if active is None or limit <= 0:
+                return []
+            return _sqlite_claim(conn, endpoint_id, now, lease_until, owner, limit)
+
+        return await self._outbox_write(work)
+
+    async def claim_probe(
+        self, endpoint_id: str, now: datetime, next_probe_at: datetime, lease_until: datetime, owner: str
+    ) -> DeliveryClaim | None:
+        def work(conn: sqlite3.Connection) -> DeliveryClaim | None:
+            moved = conn.execute(
+                "UPDATE webhook_endpoints SET paused_until = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'paused' AND (paused_until IS NULL OR paused_until <= ?)",
+                (_ts(next_probe_at), _ts(now), endpoint_id, _ts(now)),
+            ).rowcount
+            if not moved:
+                return None
+            claims = _sqlite_claim(conn, endpoint_id, now, lease_until, owner, 1)
+            return claims[0] if claims else None
+
+        return await self._outbox_write(work)
+
+    async def finish_attempt(
+        self, claim: DeliveryClaim, attempt: WebhookAttemptRow, update: DeliveryUpdate,
+        decide: EndpointDecision, now: datetime,
+    ) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+        stamp = _ts(now)
+
+        def work(conn: sqlite3.Connection) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+            held = conn.execute(
+                "SELECT 1 FROM webhook_deliveries WHERE event_id = ? AND endpoint_id = ? AND status = 'pending' "
+                "AND lease_owner = ? AND attempts = ?",
+                (claim.event_id, claim.endpoint_id, claim.lease_owner, claim.attempts),
+            ).fetchone()
+            if held is None:
+                return None
+            conn.execute(
+                "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
+                "status_code, error, response_snippet) VALUES (?,?,?,?,?,?,?,?,?)",
+                (attempt.event_id, attempt.endpoint_id, attempt.attempt, _ts(attempt.started_at), attempt.latency_ms,
+                 attempt.outcome, attempt.status_code, attempt.error, attempt.response_snippet),
+            )
+            conn.execute(
+                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
+                "next_attempt_at = ?, locked_until = NULL, lease_owner = NULL, "
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+                "dead_at = CASE WHEN ? = 'dead' THEN ? ELSE dead_at END, last_status_code = ?, last_error = ? "
+                "WHERE event_id = ? AND endpoint_id = ?",
+                (update.status, _ts(update.next_attempt_at), update.status, stamp, update.status, stamp,
+                 attempt.status_code, attempt.error, claim.event_id, claim.endpoint_id),
+            )
+            conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (claim.event_id,))
+            if update.status == "delivered":
+                conn.execute(
+                    "UPDATE outbox SET delivered_at = ? WHERE id = ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries "
+                    "WHERE event_id = ? AND status <> 'delivered')",
+                    (stamp, claim.event_id, claim.event_id),
+                )
+            row = conn.execute(
+                f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (claim.endpoint_id,)
+            ).fetchone()
+            before = _endpoint(row) if row is not None else WebhookEndpointRow(
+                id=claim.endpoint_id, merchant_id=claim.merchant_id, url="")
+            after = decide(before)
+            if after != before:
+                _write_endpoint(conn, msgspec.structs.replace(after, updated_at=now))
+            return before, after
+
+        return await self._outbox_write(work)
+
+    async def next_webhook_due(self, now: datetime) -> datetime | None:
+        def query(conn: sqlite3.Connection) -> tuple[object, object]:
+            due = conn.execute(
+                "SELECT min(max(d.next_attempt_at, coalesce(d.locked_until, ''))) FROM webhook_deliveries d "
+                "JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.state = 'active' "
+                "WHERE d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p "
+                "WHERE p.endpoint_id = d.endpoint_id AND p.payment_id = d.payment_id AND p.status = 'pending' "
+                "AND p.seq < d.seq)"
+            ).fetchone()[0]
+            probe = conn.execute(
+                "SELECT min(coalesce(e.paused_until, '')) FROM webhook_endpoints e WHERE e.state = 'paused' "
+                "AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending')"
+            ).fetchone()[0]
+            return due, probe
+
+        due, probe = await self._read(query)
+        found = [_dt(v) or now for v in (due, probe) if v is not None]
+        return min(found) if found else None
+
+    async def list_webhook_deliveries(
+        self, *, status: DeliveryStatus | None = None, endpoint_id: str | None = None,
+        merchant_id: str | None = None, since: datetime | None = None, until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[WebhookDeliveryRow]:
+        where, params = _delivery_filter(status, endpoint_id, merchant_id, since, until)
+        sql = f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} ORDER BY created_at DESC, seq DESC LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [_delivery(r) for r in rows]
+
+    async def get_webhook_deliveries(self, event_id: str) -> list[WebhookDeliveryRow]:
+        sql = f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries WHERE event_id = ? ORDER BY endpoint_id"
+        rows = await self._read(lambda c: c.execute(sql, (event_id,)).fetchall())
+        return [_delivery(r) for r in rows]
+
+    async def webhook_attempts(self, event_id: str) -> list[WebhookAttemptRow]:
+        sql = (
+            "SELECT event_id, endpoint_id, attempt, started_at, latency_ms, outcome, status_code, error, "
+            "response_snippet FROM webhook_attempts WHERE event_id = ? ORDER BY started_at, endpoint_id, attempt"
+        )
+        rows = await self._read(lambda c: c.execute(sql, (event_id,)).fetchall())
+        return [
+            WebhookAttemptRow(event_id=r[0], endpoint_id=r[1], attempt=r[2], started_at=_dt_req(r[3]),
+                              latency_ms=r[4], outcome=r[5], status_code=r[6], error=r[7], response_snippet=r[8])
+            for r in rows
+        ]
+
+    async def redrive_deliveries(
+        self, now: datetime, *, event_id: str | None = None, endpoint_id: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
+    ) -> int:
+        where, params = _delivery_filter("dead", endpoint_id, None, since, until)
+        if event_id is not None:
+            where += " AND event_id = ?"
+            params.append(event_id)
+        sql = (
+            "UPDATE webhook_deliveries SET status = 'pending', round_attempts = 0, next_attempt_at = ?, "
+            f"dead_at = NULL, locked_until = NULL, lease_owner = NULL {where}"
+        )
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, (_ts(now), *params)).rowcount
+
+        return await self._outbox_write(work)
+
+
+_ENDPOINT_COLS = (
+    "id, merchant_id, url, state, consecutive_failures, failing_since, paused_until, disabled_reason, updated_at"
+)
+_DELIVERY_COLS = (
+    "event_id, endpoint_id, merchant_id, payment_id, type, status, attempts, round_attempts, created_at, "
+    "next_attempt_at, delivered_at, dead_at, last_status_code, last_error, locked_until"
+)
+
+
+def _dt(value: object) -> datetime | None:
+    return None if value is None or value == "" else datetime.fromisoformat(str(value))
+
+
+def _dt_req(value: object) -> datetime:
+    dt = _dt(value)
+    if dt is None:
+        raise ValueError("missing timestamp")
+    return dt
+
+
+def _endpoint(r: _Row) -> WebhookEndpointRow:
+    return WebhookEndpointRow(
+        id=str(r[0]), merchant_id=str(r[1]), url=str(r[2]), state=str(r[3]), consecutive_failures=int(str(r[4])),
+        failing_since=_dt(r[5]), paused_until=_dt(r[6]), disabled_reason=None if r[7] is None else str(r[7]),
+        updated_at=_dt(r[8]),
+    )
+
+
+def _write_endpoint(conn: sqlite3.Connection, ep: WebhookEndpointRow) -> None:
+    conn.execute(
+        "UPDATE webhook_endpoints SET state = ?, consecutive_failures = ?, failing_since = ?, paused_until = ?, "
+        "disabled_reason = ?, updated_at = ? WHERE id = ?",
+        (ep.state, ep.consecutive_failures, None if ep.failing_since is None else _ts(ep.failing_since),
+         None if ep.paused_until is None else _ts(ep.paused_until), ep.disabled_reason,
+         _ts(ep.updated_at or datetime.now(UTC)), ep.id),
+    )
+
+
+def _delivery(r: _Row) -> WebhookDeliveryRow:
+    return WebhookDeliveryRow(
+        event_id=str(r[0]), endpoint_id=str(r[1]), merchant_id=str(r[2]), payment_id=str(r[3]), type=str(r[4]),
+        status=str(r[5]), attempts=int(str(r[6])), round_attempts=int(str(r[7])), created_at=_dt_req(r[8]),
+        next_attempt_at=_dt_req(r[9]), delivered_at=_dt(r[10]), dead_at=_dt(r[11]),
+        last_status_code=None if r[12] is None else int(str(r[12])), last_error=None if r[13] is None else str(r[13]),
+        locked_until=_dt(r[14]),
+    )
+
+
+def _delivery_filter(
+    status: str | None, endpoint_id: str | None, merchant_id: str | None, since: datetime | None,
+    until: datetime | None,
+) -> tuple[str, list[object]]:
+    clauses, params = ["1 = 1"], list[object]()
+    for column, value in (("status", status), ("endpoint_id", endpoint_id), ("merchant_id", merchant_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if since is not None:
+        clauses.append("created_at >= ?")
+        params.append(_ts(since))
+    if until is not None:
+        clauses.append("created_at < ?")
+        params.append(_ts(until))
+    return "WHERE " + " AND ".join(clauses), params
+
+
+def _sqlite_claim(
+    conn: sqlite3.Connection, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
+) -> list[DeliveryClaim]:
+    stamp = _ts(now)
+    keys = conn.execute(
+        "SELECT d.event_id FROM webhook_deliveries d WHERE d.endpoint_id = ? AND d.status = 'pending' "
+        "AND d.next_attempt_at <= ? AND (d.locked_until IS NULL OR d.locked_until <= ?) "
+        "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id "
+        "AND p.payment_id = d.payment_id AND p.status = 'pending' AND p.seq < d.seq) "
+        "ORDER BY d.next_attempt_at, d.seq LIMIT ?",
+        (endpoint_id, stamp, stamp, limit),
+    ).fetchall()
+    claims = []
+    for (event_id,) in keys:
+        conn.execute(
+            "UPDATE webhook_deliveries SET locked_until = ?, lease_owner = ? WHERE event_id = ? AND endpoint_id = ?",
+            (_ts(lease_until), owner, event_id, endpoint_id),
+        )
+        r = conn.execute(
+            "SELECT d.event_id, d.endpoint_id, d.merchant_id, d.payment_id, d.type, o.payload, d.attempts, "
+            "d.round_attempts FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
+            "WHERE d.event_id = ? AND d.endpoint_id = ?",
+            (event_id, endpoint_id),
+        ).fetchone()
+        claims.append(DeliveryClaim(
+            event_id=r[0], endpoint_id=r[1], merchant_id=r[2], payment_id=r[3], type=r[4], payload=bytes(r[5]),
+            attempts=r[6], round_attempts=r[7], lease_owner=owner,
+        ))
+    return claims
+
 
 
 def _settle(settled: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:

@@ -453,7 +453,8 @@ async def test_postgres_columns_are_typed(pg_store: PostgresStore) -> None:
         row = await conn.fetchrow("SELECT amount, created_at, updated_at FROM payments")
         types = await conn.fetch(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND column_name IN ('amount', 'doc', 'created_at', 'payload')"
+            "WHERE table_schema = current_schema() AND column_name IN ('amount', 'doc', 'created_at', 'payload') "
+            "AND table_name IN ('payments', 'operations', 'outbox')"
         )
     finally:
         await conn.close()
@@ -688,3 +689,165 @@ class TcpProxy:
             pass
         finally:
             writer.transport.abort()
+
+
+# --------------------------------------------------------------------------- webhook outbox (OutboxStore)
+
+
+async def _outbox_ready(backend: Backend) -> None:
+    if backend.name == "postgres":  # the shared pg_store fixture empties only the payment tables
+        await backend.query("TRUNCATE webhook_endpoints, webhook_deliveries, webhook_attempts")
+
+
+def _ep(eid: str, merchant: str = "m_1") -> Any:
+    from router.store.base import WebhookEndpointRow
+
+    return WebhookEndpointRow(id=eid, merchant_id=merchant, url=f"https://{eid}.example/hook")
+
+
+async def test_outbox_fan_out_claims_in_payment_order_under_a_lease(backend: Backend, store: PaymentStore) -> None:
+    from router.store.base import DeliveryUpdate, OutboxStore, WebhookAttemptRow
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    ob: OutboxStore = store
+    p1, p2 = make_payment(1), make_payment(2)
+    await store.insert_payment(p1, [event(p1, "created")])
+    await store.insert_payment(p2, [event(p2, "created")])
+    p1b = advanced(p1, Status.AUTHORIZED)
+    await store.update_payment(p1b, 1, [event(p1b, "authorized")])
+    now = T0 + timedelta(hours=1)
+    await ob.sync_webhook_endpoints([_ep("we_a"), _ep("we_b")], now)
+    assert await ob.fan_out_events({"m_1": ["we_a", "we_b"]}, now) == 3
+    assert await ob.fan_out_events({"m_1": ["we_a", "we_b"]}, now) == 0  # exactly once
+
+    lease = now + timedelta(seconds=30)
+    claims = await ob.claim_deliveries("we_a", now, lease, "one", 10)
+    # p1's second event waits behind its first; p2 flows
+    assert sorted(c.event_id for c in claims) == [f"evt_{p1.id}_created", f"evt_{p2.id}_created"]
+    assert claims[0].payload.startswith(b'{"k"')
+    assert await ob.claim_deliveries("we_a", now, lease, "two", 10) == []  # leased
+    assert await ob.next_webhook_due(now) == now  # we_b is due now
+
+    first = next(c for c in claims if c.payment_id == p1.id)
+    attempt = WebhookAttemptRow(event_id=first.event_id, endpoint_id="we_a", attempt=1, started_at=now,
+                                latency_ms=3.5, outcome="delivered", status_code=200, response_snippet="ok")
+    stale = msgspec.structs.replace(first, lease_owner="intruder")
+    assert await ob.finish_attempt(stale, attempt, DeliveryUpdate(status="delivered", next_attempt_at=now),
+                                   lambda e: e, now) is None  # not the lease holder: nothing written
+    result = await ob.finish_attempt(first, attempt, DeliveryUpdate(status="delivered", next_attempt_at=now),
+                                     lambda e: msgspec.structs.replace(e, consecutive_failures=0), now)
+    assert result is not None and result[0].id == "we_a"
+    [nxt] = await ob.claim_deliveries("we_a", now, lease, "one", 10)
+    assert nxt.event_id == f"evt_{p1.id}_authorized"
+    assert await ob.webhook_attempts(first.event_id) == [attempt]
+    # after the lease lapses, another owner may take what the first never finished
+    later = lease + timedelta(seconds=1)
+    retaken = await ob.claim_deliveries("we_a", later, later + timedelta(seconds=30), "two", 10)
+    assert sorted(c.event_id for c in retaken) == sorted([nxt.event_id, f"evt_{p2.id}_created"])
+
+
+async def test_outbox_dead_letters_are_listed_and_redriven(backend: Backend, store: PaymentStore) -> None:
+    from router.store.base import DeliveryUpdate, OutboxStore, WebhookAttemptRow
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    ob: OutboxStore = store
+    p = make_payment(1)
+    await store.insert_payment(p, [event(p, "created")])
+    now = T0 + timedelta(hours=1)
+    await ob.sync_webhook_endpoints([_ep("we_a")], now)
+    await ob.fan_out_events({"m_1": ["we_a"]}, now)
+    [claim] = await ob.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 1)
+    attempt = WebhookAttemptRow(event_id=claim.event_id, endpoint_id="we_a", attempt=1, started_at=now,
+                                latency_ms=1.0, outcome="failed", status_code=500, response_snippet="x")
+    await ob.finish_attempt(claim, attempt, DeliveryUpdate(status="dead", next_attempt_at=now), lambda e: e, now)
+    [dead] = await ob.list_webhook_deliveries(status="dead")
+    assert (dead.event_id, dead.attempts, dead.last_status_code) == (claim.event_id, 1, 500)
+    assert await ob.list_webhook_deliveries(status="dead", since=T0 + timedelta(days=1)) == []
+    assert await ob.claim_deliveries("we_a", now, now, "one", 1) == []
+    assert await ob.redrive_deliveries(now, event_id=claim.event_id) == 1
+    assert await ob.redrive_deliveries(now, event_id=claim.event_id) == 0  # only dead letters
+    [again] = await ob.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 1)
+    assert (again.event_id, again.attempts, again.round_attempts) == (claim.event_id, 1, 0)
+
+
+async def test_outbox_endpoint_states_gate_claims_and_probes(backend: Backend, store: PaymentStore) -> None:
+    from router.store.base import OutboxStore
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    ob: OutboxStore = store
+    p = make_payment(1)
+    await store.insert_payment(p, [event(p, "created")])
+    now = T0 + timedelta(hours=1)
+    await ob.sync_webhook_endpoints([_ep("we_a")], now)
+    await ob.fan_out_events({"m_1": ["we_a"]}, now)
+    await ob.set_webhook_endpoint_state("we_a", "disabled", now, "test")
+    assert await ob.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 5) == []
+    assert await ob.next_webhook_due(now) is None  # nothing a dispatcher could do
+    paused = await ob.set_webhook_endpoint_state("we_a", "paused", now)
+    assert paused is not None and paused.state == "paused"
+    assert await ob.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 5) == []
+    probe = await ob.claim_probe("we_a", now, now + timedelta(minutes=1), now + timedelta(seconds=30), "one")
+    assert probe is not None
+    # one probe per interval, whichever instance asks
+    assert await ob.claim_probe("we_a", now, now + timedelta(minutes=1), now + timedelta(seconds=30), "two") is None
+    assert (await ob.set_webhook_endpoint_state("we_missing", "active", now)) is None
+    [row] = await ob.list_webhook_endpoints()
+    assert (row.state, row.paused_until) == ("paused", now + timedelta(minutes=1))
+
+
+# --------------------------------------------------------------------------- ledger rows (router.money)
+# Ledger entries travel with the payment write: same transaction (PostgreSQL) / savepoint (SQLite).
+
+
+def _ledger_pair(p: Payment, after: Payment) -> list[Any]:
+    from router.money.ledger import postings_for
+    from router.money.pricing import NoPricing
+
+    return postings_for(p, after, NoPricing())
+
+
+async def _ledger_rows(backend: Backend, payment_id: str) -> Rows:
+    return await backend.query(
+        f"SELECT id, account, amount_minor FROM ledger_entries WHERE payment_id = '{payment_id}' ORDER BY id"
+    )
+
+
+async def test_ledger_rows_are_written_with_the_payment(backend: Backend, store: PaymentStore) -> None:
+    p = make_payment(70001)
+    captured = advanced(p, Status.CAPTURED, captured_amount=p.amount, channel="a", channel_reference="ch_1")
+    entries = _ledger_pair(p, captured)
+    assert entries
+    await store.insert_payment(p, [event(p, "created")])
+    await store.update_payment(captured, p.version, [event(captured, "captured")], ledger=entries)
+    rows = await _ledger_rows(backend, p.id)
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted((e.id, e.account, e.amount) for e in entries)
+    assert sum(r[2] for r in rows) == 0
+
+
+async def test_ledger_rows_are_atomic_with_the_payment(backend: Backend, store: PaymentStore) -> None:
+    p = make_payment(70002)
+    captured = advanced(p, Status.CAPTURED, captured_amount=p.amount, channel="a")
+    entries = _ledger_pair(p, captured)
+    await store.insert_payment(p, [event(p, "created")])
+    await store.update_payment(captured, p.version, [event(captured, "captured")], ledger=entries)
+    refunded = advanced(captured, Status.REFUNDED, refunded_amount=p.amount)
+    clash = [*_ledger_pair(captured, refunded), entries[0]]  # reuses an entry id: this write must fail whole
+    with pytest.raises(CONSTRAINT_ERRORS):
+        await store.update_payment(refunded, captured.version, [event(refunded, "refunded")], ledger=clash)
+    got = await store.get_payment(p.id)
+    assert got is not None and got.version == captured.version and got.status is Status.CAPTURED
+    assert [e.type for e in await store.outbox_events(p.id)] == ["payment.created", "payment.captured"]
+    assert len(await _ledger_rows(backend, p.id)) == len(entries)
+    # a stale version posts nothing either
+    rival = advanced(p, Status.CAPTURED, captured_amount=p.amount, channel="b")
+    with pytest.raises(VersionConflict):
+        await store.update_payment(rival, p.version, ledger=_ledger_pair(p, rival))
+    assert len(await _ledger_rows(backend, p.id)) == len(entries)
+    # and an insert whose ledger clashes leaves no payment behind
+    q = make_payment(70003, status=Status.CAPTURED, captured_amount=1999, channel="a")
+    with pytest.raises(CONSTRAINT_ERRORS):
+        await store.insert_payment(q, [event(q, "captured")], ledger=[*_ledger_pair(None, q), entries[0]])  # type: ignore[arg-type]
+    assert await store.get_payment(q.id) is None and await store.outbox_events(q.id) == []
