@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import msgspec
 
 from policies.base import PolicyEnv
-from policies.success_rate import Dimension, SuccessStats, dimension_key
+from policies.success_rate import Dimension, SuccessStats, dimension_key, flat_explore
 from router.model import Candidate, RouteContext
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -110,6 +110,9 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     default_success: Probability = 0.9  # p when there are no success stats
     dimension: Dimension = "none"  # the success-stats key to read, as in success_rate
     min_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 20.0
+    # exploration, as in success_rate: a flat share, and optimism on p that shrinks with evidence
+    explore: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.0
+    optimism: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.0
 
 
 class CostRanker:
@@ -118,13 +121,15 @@ class CostRanker:
 
     def __init__(
         self, stats: SuccessStats | None, monthly_volume: Mapping[str, int], default_success: float = 0.9,
-        dimension: Dimension = "none", min_samples: float = 20.0,
+        dimension: Dimension = "none", min_samples: float = 20.0, explore: float = 0.0, optimism: float = 0.0,
     ) -> None:
         self.stats = stats
         self.monthly_volume = monthly_volume
         self.default_success = default_success
         self.dimension: Dimension = dimension
         self.min_samples = min_samples
+        self.explore = explore
+        self.optimism = optimism
         self._decoded: dict[int, tuple[Any, Fees]] = {}  # id(raw) -> (raw, decoded); raw kept alive
 
     def _fees(self, raw: Any) -> Fees | None:
@@ -139,8 +144,11 @@ class CostRanker:
         self._decoded[id(raw)] = (raw, fees)
         return fees
 
-    def expected(self, ctx: RouteContext, candidate: Candidate, key: str | None = None) -> tuple[float, int] | None:
-        """(expected value, fee) of sending this payment to the channel; None when it has no price."""
+    def expected(
+        self, ctx: RouteContext, candidate: Candidate, key: str | None = None, optimism: float = 0.0
+    ) -> tuple[float, int] | None:
+        """(expected value, fee) of sending this payment to the channel; None when it has no price.
+        With `optimism` > 0, p is the stats' optimistic score (what the ranking uses), not the mean."""
         fees = self._fees(candidate.fees)
         schedule = schedule_for(fees, ctx.currency) if fees is not None else None
         if schedule is None:
@@ -151,7 +159,7 @@ class CostRanker:
         else:
             if key is None:
                 key = dimension_key(self.dimension, ctx)
-            p = self.stats.estimate(candidate.name, key, self.default_success, self.min_samples)
+            p = self.stats.score(candidate.name, key, self.default_success, self.min_samples, optimism)
         return p * (ctx.amount - f), f
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
@@ -159,14 +167,16 @@ class CostRanker:
         priced: list[tuple[float, int, str, Candidate]] = []
         unpriced: list[Candidate] = []
         for c in candidates:
-            ev = self.expected(ctx, c, key)
+            ev = self.expected(ctx, c, key, self.optimism)
             if ev is None:
                 unpriced.append(c)
             else:
                 priced.append((-ev[0], ev[1], c.name, c))
         priced.sort(key=lambda t: t[:3])
         unpriced.sort(key=lambda c: (c.priority, c.name))
-        return (*(t[3] for t in priced), *unpriced)
+        ranked = [*(t[3] for t in priced), *unpriced]
+        flat_explore(ctx, ranked, self.explore, "cost")
+        return tuple(ranked)
 
 
 def build(params: Params, env: PolicyEnv) -> CostRanker:
@@ -177,4 +187,6 @@ def build(params: Params, env: PolicyEnv) -> CostRanker:
         params.default_success,
         params.dimension,
         params.min_samples,
+        params.explore,
+        params.optimism,
     )

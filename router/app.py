@@ -38,6 +38,7 @@ from router.errors import (
     invalid_request,
 )
 from router.faults import crash_point
+from router.governance.service import GovernanceService
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.janitor import Janitor
 from router.locks import MemoryOrderLocks, OrderLocks, coordination_errors
@@ -230,9 +231,19 @@ async def create_payment(request: web.Request) -> web.Response:
     body = await read_json(request)
     rt = request.app[RUNTIME].current
     limits = Limits(max_amount=rt.config.server.max_amount)
+    gov = _governance(request.app)
+    state = gov.merchant_snapshot.get(merchant) if gov is not None else None
+    if state is not None:
+        if state.status == "suspended":
+            raise ProblemError(403, "merchant_suspended", "This merchant is suspended", state.suspended_reason)
+        if state.max_amount is not None:
+            limits = Limits(max_amount=min(limits.max_amount, state.max_amount))
     req, card = validate_payment(
         body, merchant_id=merchant, fingerprint_key=rt.fingerprint_key, limits=limits, today=datetime.now(UTC).date()
     )
+    if state is not None and state.currencies is not None and req.currency not in state.currencies:
+        raise ProblemError(403, "currency_not_allowed", "This merchant may not take payments in this currency",
+                           errors=[FieldError("currency", "not_allowed", f"allowed: {', '.join(state.currencies)}")])
     pipeline = request.app[PIPELINE]
 
     async def run() -> web.Response:
@@ -256,6 +267,15 @@ def _operation_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Respo
         body = await read_json(request, optional=kind != "refund")
         amount = _amount_param(body, required=False)
         pipeline = request.app[PIPELINE]
+
+        gov = _governance(request.app)
+        if kind == "refund" and gov is not None:
+            p = await pipeline.get(merchant, pid)
+            spent = sum(o.amount for o in p.operations if o.kind == "refund" and o.status in ("succeeded", "pending"))
+            wanted = amount if amount is not None else p.captured_amount - spent
+            if gov.refund_needs_approval(merchant, p.currency, wanted):
+                raise await gov.refuse_ungoverned(f"merchant:{merchant}", "refund", f"refund:{merchant}:{pid}",
+                                                  request.remote)
 
         async def run() -> web.Response:
             payment: Payment
@@ -329,6 +349,10 @@ async def reload_config(app: web.Application) -> dict[str, object]:
 
 async def admin_reload(request: web.Request) -> web.Response:
     authenticate_admin(request)
+    if request.app[RUNTIME].current.config.governance.enabled:
+        # under maker-checker a config change is a governed change request, never a direct reload
+        raise ProblemError(403, "approval_required", "Config changes need two-person approval",
+                           "propose it: POST /admin/v1/governance/requests (kind config)")
     return json_response(await reload_config(request.app))
 
 
@@ -418,6 +442,95 @@ class Coordination:
 COORDINATION = web.AppKey("coordination", Coordination)
 
 
+def _wire_governance(app: web.Application, cfg: Config, store: PaymentStore, m: Metrics) -> None:
+    """Maker-checker: governed config changes, refunds above thresholds, grants, merchants, re-drives."""
+    from router.governance.api import (
+        GOVERNANCE,
+        GovernanceHolder,
+        default_store,
+        governance_ctx,
+        register_governance_routes,
+    )
+    from router.governance.appliers import Appliers, ConfigSnapshot, RefundTarget
+
+    gov = GovernanceHolder(bootstrap_auth=authenticate_admin)
+    app[GOVERNANCE] = gov
+    if not cfg.governance.enabled:
+        return
+
+    async def current_config() -> ConfigSnapshot:
+        path = app[STATE].get("config_path")
+        text = await asyncio.to_thread(Path(path).read_text) if path else ""
+        return ConfigSnapshot(text, app[RUNTIME].current.version)
+
+    async def apply_config(text: str) -> str:
+        new_cfg = await asyncio.to_thread(_check_config_text, text)
+        overrides = app[STATE].get("server_overrides") or {}
+        if overrides:
+            new_cfg = msgspec.structs.replace(new_cfg, server=msgspec.structs.replace(new_cfg.server, **overrides))
+        restart = restart_only_changes(app[RUNTIME].current.config, new_cfg)
+        if restart:
+            raise ProblemError(422, "config_needs_restart", "These settings change only with a restart",
+                               extra={"problems": [{"path": f"$.{p}", "message": "needs a restart"} for p in restart]})
+        path = app[STATE].get("config_path")
+        old_text = await asyncio.to_thread(Path(path).read_text) if path else None
+        if path:
+            await asyncio.to_thread(_write_atomically, Path(path), text)
+        try:
+            new = await app[RUNTIME].swap(new_cfg)
+        except BaseException:
+            if path and old_text is not None:
+                await asyncio.to_thread(_write_atomically, Path(path), old_text)
+            raise
+        return new.version
+
+    async def refund_target(mid: str, pid: str) -> RefundTarget | None:
+        p = await store.get_payment(pid)
+        if p is None or p.merchant_id != mid:
+            return None
+        spent = sum(o.amount for o in p.operations if o.kind == "refund" and o.status in ("succeeded", "pending"))
+        return RefundTarget(p.version, p.currency, p.captured_amount - spent)
+
+    appliers = Appliers(apply_config=apply_config, current_config=current_config,
+                        apply_refund=app[PIPELINE].refund, refund_target=refund_target)
+    register_governance_routes(app.router)
+    app.cleanup_ctx.append(governance_ctx(gov, cfg.governance, lambda: default_store(
+        cfg.governance, mode=cfg.storage.mode, sqlite_path=cfg.storage.sqlite_path,
+        postgres_dsn=cfg.storage.postgres_dsn), appliers, registry=m.registry))
+
+
+def _check_config_text(text: str) -> Config:
+    from router.config import load_config
+    from router.errors import ConfigError
+    from router.runtime import KNOWN_ADAPTERS, KNOWN_POLICIES, policy_checks
+
+    cfg = load_config(text, known_adapters=KNOWN_ADAPTERS, known_policies=KNOWN_POLICIES)
+    problems = policy_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _governance(app: web.Application) -> GovernanceService | None:
+    """The governance service when maker-checker is on and running, else None."""
+    from router.governance.api import GOVERNANCE
+
+    holder = app.get(GOVERNANCE)
+    return holder.service if holder is not None and app[RUNTIME].current.config.governance.enabled else None
+
+
 async def _reload_logged(app: web.Application) -> None:
     try:
         await reload_config(app)
@@ -496,6 +609,9 @@ def create_app(
         import signal
 
         def on_sighup() -> None:
+            if app[RUNTIME].current.config.governance.enabled:
+                log.warning("SIGHUP ignored: config changes go through maker-checker approval")
+                return
             task = asyncio.get_running_loop().create_task(_reload_logged(app))
             app[STATE].setdefault("tasks", set()).add(task)
             task.add_done_callback(app[STATE]["tasks"].discard)
@@ -514,6 +630,7 @@ def create_app(
         cfg.webhooks, m.webhooks,
     )
     app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, janitor_ctx, dispatcher_ctx()])
+    _wire_governance(app, cfg, the_store, m)
     app.on_shutdown.append(on_shutdown)
 
     r = app.router

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.webhooks_cli import add_webhooks_parser
 
     add_webhooks_parser(sub)  # payroute webhooks list | show | redrive
+    from router.governance.cli import add_admin_parser
+
+    add_admin_parser(sub)  # payroute admin ... (maker-checker requests, audit verify)
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file", description=(

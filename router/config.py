@@ -19,6 +19,8 @@ import msgspec
 import yaml
 
 from router.errors import ConfigError
+from router.governance.model import GovernanceConfig
+from router.governance.model import config_problems as governance_problems
 from router.webhooks import WebhooksSettings, check_webhooks_settings
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -171,6 +173,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     janitor: JanitorSettings = JanitorSettings()
     duplicates: DuplicatesConfig = DuplicatesConfig()
     webhooks: WebhooksSettings = WebhooksSettings()
+    governance: GovernanceConfig = GovernanceConfig()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
@@ -290,6 +293,7 @@ def check(
     if cfg.server.payment_deadline_ms <= 0:
         add(("$.server.payment_deadline_ms", "must be positive"))
     problems += check_webhooks_settings(cfg.webhooks)
+    problems += governance_problems(cfg.governance)
     if cfg.duplicates.fingerprint_mode not in ("off", "flag", "block"):
         add(("$.duplicates.fingerprint_mode", "must be off, flag or block"))
     if cfg.duplicates.order_lock_ttl_ms <= 0 or cfg.duplicates.fingerprint_window_s <= 0:
@@ -428,4 +432,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("security")
     if old.sandbox != new.sandbox:
         changed.append("sandbox")
+    if old.governance != new.governance:
+        changed.append("governance")
     return changed

@@ -170,7 +170,7 @@ class RuntimeHolder:
     def __init__(self, runtime: Runtime, on_breaker_change: Callable[[str, str], None] | None = None) -> None:
         self.current = runtime  # live policy state (success statistics) carries over every swap
         self._on_breaker_change = on_breaker_change
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], Runtime] = {}
 
     async def swap(self, cfg: Config) -> Runtime:
         old = self.current
@@ -179,8 +179,8 @@ class RuntimeHolder:
         self.current = new  # the atomic part: one reference assignment on the event loop
         grace = old.config.server.payment_deadline_ms / 1000 + 5
         task = asyncio.create_task(self._retire(old, new, grace))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = old
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
         return new
 
     @staticmethod
@@ -189,6 +189,7 @@ class RuntimeHolder:
         await old.close(keep=new)
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        for task, old in list(self._retiring.items()):
             task.cancel()
+            await old.close(keep=self.current)  # shutting down: no grace left to give
         await self.current.close()

@@ -199,11 +199,12 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     static: Literal["hindsight", "primary"] | list[str] = "hindsight"
     strategies: list[Strategy] = msgspec.field(default_factory=list)
     window: Annotated[int, msgspec.Meta(ge=10)] = 200  # tx per rolling window (adaptation delay, plots)
-    # How the wiring feeds SuccessStats. Defaults are production's: `StatsConfig()` and every attempt
-    # recorded (pipeline.py); `first_attempts` models recording only first attempts (failover attempts
-    # see cards another channel already soft-declined, which biases the fallback channels down).
+    # How the wiring feeds SuccessStats. Defaults are production's (router/pipeline.py): `StatsConfig()`,
+    # approvals and soft declines of first attempts only (a fail-over attempt carries a card another
+    # channel just soft-declined, which would bias the fallback channels down), and unavailable/unknown
+    # outcomes of every attempt. `all_attempts` records every outcome, for comparison.
     stats: StatsConfig = StatsConfig()
-    learn_from: Literal["all_attempts", "first_attempts"] = "all_attempts"
+    learn_from: Literal["all_attempts", "first_attempts"] = "first_attempts"
 
 
 def _msgspec_problem(err: msgspec.ValidationError) -> tuple[str, str]:

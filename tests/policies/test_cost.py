@@ -181,3 +181,23 @@ def test_monthly_volume_comes_from_the_env_and_is_read_live() -> None:
     volume["a"] = 2_000_000
     assert names(r(ctx(), (a, b))) == ["a", "b"]
 
+
+
+def test_cost_explores_a_little_known_channel_and_stops_once_it_is_known() -> None:
+    stats = SuccessStats()
+    fees = {"default": {"percent_bp": 250}}
+    a, b = cand("a", fees), cand("b", fees)
+    for i in range(2000):
+        stats.record("a", "", i % 100 < 92, float(i))  # 92%, well known
+    for i in range(5):
+        stats.record("b", "", True, float(i))  # b: 5 events only
+    greedy = ranker({"success_stats": stats})
+    optimistic = cost.build(msgspec.convert({"optimism": 1.0}, cost.Params), PolicyEnv({"success_stats": stats}))
+    assert names(greedy(ctx(), (a, b)))[0] == "a" or names(optimistic(ctx(), (a, b)))[0] == "b"
+    assert names(optimistic(ctx(), (a, b)))[0] == "b"  # optimism tries the little-known channel
+    for i in range(5, 2000):
+        stats.record("b", "", i % 100 < 90, float(i))  # now b is a known 90%
+    assert names(optimistic(ctx(), (a, b)))[0] == "a"
+    flat = cost.build(msgspec.convert({"explore": 0.1}, cost.Params), PolicyEnv({"success_stats": stats}))
+    share = sum(names(flat(ctx(payment_id=f"p{i}"), (a, b)))[0] == "b" for i in range(4000)) / 4000
+    assert 0.07 < share < 0.13  # the flat share, sticky per payment

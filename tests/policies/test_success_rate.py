@@ -32,7 +32,7 @@ def ctx(payment_id: str = "p", **kw: Any) -> RouteContext:
 
 
 def ranker(stats: sr.SuccessStats, **params: Any) -> sr.SuccessRateRanker:
-    return sr.build(decode_params(PTYPE, {"explore": 0.0} | params), PolicyEnv({"success_stats": stats}))
+    return sr.build(decode_params(PTYPE, {"explore": 0.0, "optimism": 0.0} | params), PolicyEnv({"success_stats": stats}))
 
 
 def feed(stats: sr.SuccessStats, channel: str, pattern: str, key: str = "", t0: float = 0.0) -> None:
@@ -112,8 +112,9 @@ def events_until_it_loses(stats: sr.SuccessStats) -> int:
 
 
 def test_a_degraded_channel_loses_within_a_bounded_number_of_events() -> None:
-    with_detection = events_until_it_loses(sr.SuccessStats())
-    without = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(change_threshold=1.0)))
+    # outage detection off: a 20% rate has failure runs that would rank it last at once
+    with_detection = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9)))
+    without = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(change_detection=False, outage_min_run=10**9)))
     assert with_detection <= 25
     assert with_detection < without  # change detection is what makes it quick
 
@@ -131,12 +132,12 @@ def events_until_it_wins_back(stats: sr.SuccessStats) -> int:
 
 def test_a_recovered_channel_wins_back_within_a_bounded_number_of_events() -> None:
     with_detection = events_until_it_wins_back(sr.SuccessStats())
-    assert with_detection <= 100
-    assert with_detection < events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(change_threshold=1.0))) / 4
+    assert with_detection <= 250  # restarts from the fast window (half-life 100 events), not from scratch
+    assert with_detection < events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(change_detection=False))) / 4
 
 
 def test_time_decay_lets_fresh_events_outweigh_old_ones() -> None:
-    cfg = sr.StatsConfig(half_life_s=60.0, change_threshold=1.0)
+    cfg = sr.StatsConfig(half_life_s=60.0, change_detection=False, outage_min_run=1000)
     stale, fresh = sr.SuccessStats(cfg), sr.SuccessStats(cfg)
     for stats, gap in ((stale, 3600.0), (fresh, 1.0)):
         feed(stats, "a", "1" * 200)
@@ -182,10 +183,11 @@ def test_hard_declines_do_not_lower_a_channel() -> None:
 def test_per_dimension_keys_are_independent() -> None:
     stats = sr.SuccessStats()
     for i in range(300):
-        stats.record_outcome("a", ctx(currency="EUR"), i % 10 != 0, float(i))  # 90% on EUR
-        stats.record_outcome("a", ctx(currency="USD"), i % 2 == 0, float(i))  # 50% on USD
-        stats.record_outcome("b", ctx(currency="EUR"), i % 5 != 0, float(i))  # 80% everywhere
-        stats.record_outcome("b", ctx(currency="USD"), i % 5 != 0, float(i))
+        # one payment id per outcome: a second outcome of the same payment is a fail-over attempt
+        stats.record_outcome("a", ctx(f"ae{i}", currency="EUR"), i % 10 != 0, float(i))  # 90% on EUR
+        stats.record_outcome("a", ctx(f"au{i}", currency="USD"), i % 2 == 0, float(i))  # 50% on USD
+        stats.record_outcome("b", ctx(f"be{i}", currency="EUR"), i % 5 != 0, float(i))  # 80% everywhere
+        stats.record_outcome("b", ctx(f"bu{i}", currency="USD"), i % 5 != 0, float(i))
     r = ranker(stats, dimension="currency")
     assert names(r(ctx(currency="EUR"), (A, B))) == ["a", "b"]
     assert names(r(ctx(currency="USD"), (A, B))) == ["b", "a"]
@@ -205,7 +207,7 @@ def test_a_sparse_key_starts_from_the_channel_wide_rate() -> None:
 
 
 def test_snapshot_and_merge_share_counts_without_double_counting() -> None:
-    here, there = sr.SuccessStats(), sr.SuccessStats()
+    here, there = sr.SuccessStats(), sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))  # 50 failures: no outage
     feed(here, "a", "1" * 50)
     feed(there, "a", "0" * 50)
     wire = msgspec.msgpack.encode(there.snapshot())  # what would go through Redis
@@ -218,3 +220,65 @@ def test_snapshot_and_merge_share_counts_without_double_counting() -> None:
     assert merged[1] == pytest.approx(there.snapshot().cells["a"][""].sf)
     assert here.snapshot().cells["a"][""].sf == 0.0  # a snapshot holds only local counts, not the peers'
     assert here.estimate("a", "", 0.5, 0) == pytest.approx(0.5, abs=0.01)
+
+
+# --------------------------------------------------------------------------- change, outage, exploration
+
+
+def test_change_detection_fires_on_a_three_point_drop_within_bounded_events() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+    feed(stats, "a", rate_pattern(0.90, 3000))
+    slow_before = sum(stats.counts("a", ""))
+    for i, ch in enumerate(rate_pattern(0.87, 1500)):
+        stats.record("a", "", ch == "1", 3000.0 + i)
+        if sum(stats.counts("a", "")) < slow_before / 2:  # slow counts restarted from the fast window
+            break
+    else:
+        pytest.fail("a 3-point drop was never detected")
+    assert i < 1500
+    # and a stable rate does not fire over as many events
+    calm = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+    feed(calm, "a", rate_pattern(0.90, 4500))
+    assert sum(calm.counts("a", "")) > 1000
+
+
+def test_an_outage_ranks_the_channel_last_and_does_not_lower_its_rate() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(outage_hold_s=10.0))
+    feed(stats, "a", rate_pattern(0.95, 500))
+    feed(stats, "b", rate_pattern(0.85, 500))
+    before = stats.estimate("a", "", 0.8, 20)
+    feed(stats, "a", "0" * 8, t0=500)  # unavailable x8: implausible at 95%
+    assert stats.is_down("a")
+    assert names(ranker(stats)(ctx(), (A, B))) == ["b", "a"]
+    assert stats.estimate("a", "", 0.8, 20) == pytest.approx(before)
+    stats.record("b", "", True, 520.0)  # time passes: the hold expires, a is tried again
+    assert not stats.is_down("a")
+    assert names(ranker(stats)(ctx(), (A, B))) == ["a", "b"]
+
+
+def test_a_fail_over_attempt_does_not_move_the_approval_rate() -> None:
+    stats = sr.SuccessStats()
+    for i in range(200):
+        stats.record_outcome("b", ctx(f"p{i}"), True, float(i))
+    before = stats.counts("b", "")
+    stats.record_outcome("a", ctx("x"), False, 300.0)  # first attempt at a: soft decline
+    stats.record_outcome("b", ctx("x"), False, 300.0)  # the fail-over at b: the card's odds, not b's
+    assert stats.counts("b", "") == before
+
+
+def test_exploration_shrinks_as_evidence_grows() -> None:
+    def explored(n: int) -> float:
+        stats = sr.SuccessStats(sr.StatsConfig(change_detection=False))
+        feed(stats, "a", rate_pattern(0.92, 2000))
+        feed(stats, "b", rate_pattern(0.90, n))  # b: the loser, known from n events
+        r = ranker(stats, optimism=1.0)
+        return sum(names(r(ctx(f"q{i}"), (A, B)))[0] == "b" for i in range(200)) / 200
+
+    assert explored(5) == 1.0  # barely known: tried
+    assert explored(2000) == 0.0  # well known loser: not tried
+    scores = []
+    for n in (10, 100, 1000):
+        stats = sr.SuccessStats()
+        feed(stats, "b", rate_pattern(0.90, n))
+        scores.append(stats.score("b", "", 0.8, 20, 1.0) - stats.estimate("b", "", 0.8, 20))
+    assert scores[0] > scores[1] > scores[2] > 0
