@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.governance.cli import add_admin_parser
 
     add_admin_parser(sub)  # payroute admin ... (maker-checker requests, audit verify)
+    from router.money.cli import add_money_parsers
+
+    add_money_parsers(sub)  # payroute settle run | reconcile | ledger
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file", description=(

@@ -21,6 +21,7 @@ import yaml
 from router.errors import ConfigError
 from router.governance.model import GovernanceConfig
 from router.governance.model import config_problems as governance_problems
+from router.money.settlement import MoneyConfig
 from router.webhooks import WebhooksSettings, check_webhooks_settings
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -174,6 +175,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     duplicates: DuplicatesConfig = DuplicatesConfig()
     webhooks: WebhooksSettings = WebhooksSettings()
     governance: GovernanceConfig = GovernanceConfig()
+    money: MoneyConfig = MoneyConfig()
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()

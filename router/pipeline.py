@@ -64,6 +64,8 @@ from router.model import (
     can_transition,
     utcnow,
 )
+from router.money.ledger import postings_for
+from router.money.pricing import NoPricing, Pricing
 from router.runtime import ChannelRuntime, Runtime
 from router.store.base import PaymentStore
 from router.validation import currency_exponent
@@ -120,6 +122,7 @@ class Pipeline:
         *,
         locks: OrderLocks | None = None,
         window: FingerprintWindow | None = None,
+        pricing: Pricing | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -127,10 +130,18 @@ class Pipeline:
         self.store = store
         self.locks: OrderLocks = locks or MemoryOrderLocks()
         self.window: FingerprintWindow = window or MemoryFingerprintWindow()
+        self._pricing = pricing
+
         self.metrics = metrics
         self._sleep = sleep
         self._clock = clock
         self._op_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def pricing(self) -> Pricing:
+        """What channels charge us and what we charge merchants (the ledger posts both with each change):
+        the config's, unless one was given."""
+        return self._pricing or getattr(self._runtime(), "pricing", None) or NoPricing()
 
     # ------------------------------------------------------------------ authorize
 
@@ -318,7 +329,9 @@ class Pipeline:
         )
         crash_point("before_commit")
         try:
-            await self.store.update_payment(done, payment.version, [event_for(done)])
+            await self.store.update_payment(
+            done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
+        )
         except VersionConflict:
             # the janitor settled it first (only possible past the deadline): the record is the truth
             current = await self.store.get_payment(payment.id)
@@ -423,7 +436,7 @@ class Pipeline:
     async def _insert(self, p: Payment) -> None:
         events = [event_for(p)] if p.status is not Status.PROCESSING else []
         try:
-            await self.store.insert_payment(p, events)
+            await self.store.insert_payment(p, events, ledger=postings_for(None, p, self.pricing))
         except DuplicateOrder as e:
             raise _duplicate_order(e.existing_payment_id) from None
 
@@ -524,7 +537,9 @@ class Pipeline:
             next_action=result.next_action if result else None,
             version=payment.version + 1, updated_at=utcnow(),
         )
-        await self.store.update_payment(done, payment.version, [event_for(done)])
+        await self.store.update_payment(
+            done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
+        )
         return self._count(done)
 
     async def expire_action(self, payment: Payment) -> Payment:
@@ -552,7 +567,9 @@ class Pipeline:
             decline=Decline(code="action_expired", message="the customer did not complete the payment in time",
                             category=DeclineCategory.SOFT, channel=payment.channel),
         )
-        await self.store.update_payment(done, payment.version, [event_for(done)])
+        await self.store.update_payment(
+            done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
+        )
         return self._count(done)
 
     async def to_manual_review(self, payment: Payment, reason: str) -> Payment:
@@ -560,7 +577,9 @@ class Pipeline:
             payment, status=Status.MANUAL_REVIEW, version=payment.version + 1, updated_at=utcnow(),
             decline=Decline(code="manual_review", message=reason, category=DeclineCategory.SOFT, channel=payment.channel),
         )
-        await self.store.update_payment(done, payment.version, [event_for(done)])
+        await self.store.update_payment(
+            done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
+        )
         return done
 
     async def apply_callback(self, channel: str, event: CallbackEvent) -> Payment | None:
@@ -609,7 +628,9 @@ class Pipeline:
             version=payment.version + 1,
             updated_at=utcnow(),
         )
-        await self.store.update_payment(done, payment.version, [event_for(done)])
+        await self.store.update_payment(
+            done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
+        )
         return self._count(done)
 
     # ------------------------------------------------------------------ capture / void / refund
@@ -706,7 +727,9 @@ class Pipeline:
         )
         kind = None if status is not None else f"{op.kind}.{op.status}"
         try:
-            await self.store.update_payment(updated, p.version, [event_for(updated, kind)])
+            await self.store.update_payment(
+                updated, p.version, [event_for(updated, kind)], ledger=postings_for(p, updated, self.pricing)
+            )
         except VersionConflict:
             raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry") from None
         if op.status == "failed":

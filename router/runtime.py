@@ -27,6 +27,7 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.model import Candidate, Capabilities, ChannelAdapter
+from router.money.settlement import pricing_book
 from router.transport import ChannelTransport, RetryBudget
 
 KNOWN_ADAPTERS = frozenset(adapter_registry.ADAPTERS)
@@ -136,6 +137,8 @@ class Runtime:
             for cc in rule.countries:
                 self.blocked.setdefault(cc, rule)
         self.fingerprint_key = cfg.security.fingerprint_key.encode()
+        # merchant price lists (money:) and channel fees (channels[].fees), one engine for both
+        self.pricing = pricing_book(cfg.money, {c.name: c.fees for c in cfg.channels})
 
     def chain_for(self, merchant_id: str) -> Chain:
         return self.merchant_chains.get(merchant_id, self.default_chain)

@@ -42,7 +42,7 @@ T = TypeVar("T")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
 STORE_TABLES = ("payments", "attempts", "operations", "outbox", "webhook_endpoints", "webhook_deliveries",
-                "webhook_attempts")
+                "webhook_attempts", "ledger_entries", "settlement_batches", "recon_exceptions")
 
 
 def unavailable(message: str) -> NoReturn:
