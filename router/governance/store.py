@@ -24,7 +24,6 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -41,6 +40,8 @@ from router.governance.model import (
     RequestStatus,
     SignedHead,
 )
+from router.store.schema import Migration
+from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -128,25 +129,8 @@ _dec_request = msgspec.json.Decoder(ChangeRequest).decode
 _dec_head = msgspec.json.Decoder(SignedHead).decode
 
 
-class Migration(NamedTuple):
-    version: int
-    name: str
-    sql: str
-
-
 def load_migrations(dialect: str) -> list[Migration]:
-    folder = resources.files("router.governance") / "migrations" / dialect
-    found = sorted(
-        (int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8"))
-        for f in folder.iterdir()
-        if f.name.endswith(".sql")
-    )
-    migrations = [Migration(*m) for m in found]
-    if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
-        raise RuntimeError(
-            f"governance {dialect} migrations are not numbered 1..N: {[m.name for m in migrations]}"
-        )
-    return migrations
+    return _load_migrations("router.governance", dialect)
 
 
 class _Tx(Protocol):

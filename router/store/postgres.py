@@ -27,13 +27,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
-from importlib import resources
 from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
 
 from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
+from router.store.schema import Migration
+from router.store.schema import load_migrations as _load_migrations
 
 __all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
 from router.model import OutboxEvent, Payment, Status
@@ -70,24 +71,9 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
-class Migration(NamedTuple):
-    version: int
-    name: str
-    sql: str
-
-
 def load_migrations() -> list[Migration]:
-    """The packaged migrations, in order. Numbers must run 1..N without gaps."""
-    folder = resources.files("router.store") / "migrations" / "postgres"
-    found = sorted(
-        (int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8"))
-        for f in folder.iterdir()
-        if f.name.endswith(".sql")
-    )
-    migrations = [Migration(*m) for m in found]
-    if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
-        raise RuntimeError(f"postgres migrations are not numbered 1..N: {[m.name for m in migrations]}")
-    return migrations
+    """The packaged postgres migrations, in order."""
+    return _load_migrations("router.store", "postgres")
 
 
 _CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -27,9 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import msgspec
 
@@ -47,6 +46,8 @@ from router.store.base import (
     WebhookEndpointRow,
     manual_endpoint_state,
 )
+from router.store.schema import Migration
+from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
 _Row = tuple[object, ...]
@@ -56,24 +57,9 @@ _encode = msgspec.json.Encoder().encode
 _decode_payment = msgspec.json.Decoder(Payment).decode
 
 
-class Migration(NamedTuple):
-    version: int
-    name: str
-    sql: str
-
-
 def load_migrations() -> list[Migration]:
-    """The packaged migrations, in order. Numbers must run 1..N without gaps."""
-    folder = resources.files("router.store") / "migrations" / "sqlite"
-    found = sorted(
-        (int(f.name.split("_", 1)[0]), f.name, f.read_text(encoding="utf-8"))
-        for f in folder.iterdir()
-        if f.name.endswith(".sql")
-    )
-    migrations = [Migration(*m) for m in found]
-    if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
-        raise RuntimeError(f"sqlite migrations are not numbered 1..N: {[m.name for m in migrations]}")
-    return migrations
+    """The packaged sqlite migrations, in order."""
+    return _load_migrations("router.store", "sqlite")
 
 
 @dataclass
