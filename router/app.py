@@ -421,11 +421,11 @@ class Coordination:
 
             assert cfg.storage.redis_url is not None
             self.redis = make_redis(cfg.storage.redis_url)
-            self.idempotency: IdempotencyStore = RedisIdempotencyStore(self.redis)
+            self.idempotency: IdempotencyStore = RedisIdempotencyStore(self.redis, ttl_s=cfg.duplicates.idempotency_ttl_s)
             self.locks: OrderLocks = RedisOrderLocks(self.redis)
             self.window: FingerprintWindow = RedisFingerprintWindow(self.redis)
         else:
-            self.idempotency = MemoryIdempotencyStore()
+            self.idempotency = MemoryIdempotencyStore(ttl_s=cfg.duplicates.idempotency_ttl_s)
             self.locks = MemoryOrderLocks()
             self.window = MemoryFingerprintWindow()
 

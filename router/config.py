@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class ChannelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     retry: RetrySettings = RetrySettings()
     max_connections: int = 100
     fees: dict[str, Any] | None = None  # fee schedule per currency (see policies/cost.py), used by the cost ranker
+    tls_verify: bool = True  # may be false only for a loopback base_url (a local fake in tests)
 
 
 # One step of a chain: `{policy: NAME, ...params}`. The params are typed and checked by the policy's
@@ -158,6 +160,8 @@ class JanitorSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class DuplicatesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    idempotency_ttl_s: float = 24 * 3600.0  # Idempotency-Key records are kept at least this long, then reaped
+    allow_retry_after_failure: bool = False  # a new payment for an order whose payment was declined/failed
     fingerprint_mode: str = "flag"  # off | flag | block: same customer + amount + currency within the window
     fingerprint_window_s: float = 120.0
     order_lock_ttl_ms: int = 30_000  # per-order lock (an optimization; the unique order id is the truth)
@@ -298,6 +302,8 @@ def check(
     problems += governance_problems(cfg.governance)
     if cfg.duplicates.fingerprint_mode not in ("off", "flag", "block"):
         add(("$.duplicates.fingerprint_mode", "must be off, flag or block"))
+    if cfg.duplicates.idempotency_ttl_s < 3600:
+        add(("$.duplicates.idempotency_ttl_s", "keep idempotency records at least an hour (24 h recommended)"))
     if cfg.duplicates.order_lock_ttl_ms <= 0 or cfg.duplicates.fingerprint_window_s <= 0:
         add(("$.duplicates", "window and lock TTL must be positive"))
     if cfg.janitor.min_age_s * 1000 <= cfg.server.payment_deadline_ms:
@@ -320,6 +326,8 @@ def check(
         for j, cc in enumerate(ch.countries or []):
             if not _is_country(cc):
                 add((f"{p}.countries[{j}]", f"{cc!r} is not an ISO 3166-1 alpha-2 country"))
+        if not ch.tls_verify and urlsplit(ch.base_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            add((f"{p}.tls_verify", "certificate verification may be turned off only for a loopback base_url"))
         if ch.timeouts.connect_ms <= 0 or ch.timeouts.total_ms <= 0:
             add((f"{p}.timeouts", "timeouts must be positive"))
         if ch.timeouts.connect_ms > ch.timeouts.total_ms:

@@ -49,7 +49,7 @@ class ChannelRuntime:
             methods=frozenset(cfg.methods),
         )
         self.adapter: ChannelAdapter = adapter_registry.create(cfg.adapter, cfg.credentials, caps)
-        self.transport = ChannelTransport(cfg)
+        self.transport = ChannelTransport(cfg, verify_tls=cfg.tls_verify)
         self.breaker = ChannelBreaker(cfg.name, cfg.breaker, on_breaker_change)
         self.budget = RetryBudget()
         self.licences = licences

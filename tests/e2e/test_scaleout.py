@@ -127,8 +127,12 @@ async def test_redis_down_fails_closed_and_recovers_without_restart(sandbox, ins
     a = await sandbox("a")
     c = await instances(a, redis=f"redis://127.0.0.1:{port}/0")
     try:
-        assert (await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-0"))).status_code == 201
+        first = await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-0"))
+        assert first.status_code == 201
         stop(proc)
+        # reads still work where the data is reachable (PostgreSQL is up)
+        read = await c.get(f"/v1/payments/{first.json()['id']}")
+        assert read.status_code == 200 and read.json()["status"] == "captured"
         r = await c.post("/v1/payments", json=payment_body(merchant_order_id="rd-1"), headers={"Idempotency-Key": "rd-1"})
         assert r.status_code == 503 and r.json()["code"] == "service_unavailable"
         assert len(a.channel.charges) == 1  # no channel was called

@@ -114,3 +114,12 @@ def test_config_check_cli(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "ok" in ok.stdout
     ko = subprocess.run([*run, str(bad)], capture_output=True, text=True, cwd=ROOT, env={"M1_KEY": "x" * 20, "PATH": ""})
     assert ko.returncode == 2 and "$.channels[0].adapter: unknown adapter 'nope'" in ko.stderr
+
+
+def test_tls_verification_can_be_off_only_for_loopback() -> None:
+    local = GOOD.replace('currencies: [USD]}', 'currencies: [USD], tls_verify: false}')
+    load_config(local, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
+    remote = local.replace("http://127.0.0.1:1", "https://psp.example.com")
+    with pytest.raises(ConfigError) as e:
+        load_config(remote, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
+    assert [p for p, _ in e.value.problems] == ["$.channels[0].tls_verify"]
