@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
