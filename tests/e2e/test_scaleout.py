@@ -227,3 +227,26 @@ merchants: [{{id: alpha, api_keys: [{{key: {API_KEY}}}]}}]
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+async def test_concurrent_refunds_and_captures_across_instances_never_exceed(sandbox, instances) -> None:
+    a = await sandbox("a", Script(latency_ms=20))
+    one, two = await instances(a), await instances(a)
+    paid = (await one.post("/v1/payments", json=payment_body(merchant_order_id="cr-1", amount=1000))).json()
+    results = await asyncio.gather(*(
+        (one if i % 2 else two).post(f"/v1/payments/{paid['id']}/refunds", json={"amount": 600}) for i in range(10)
+    ))
+    ok = [r for r in results if r.status_code == 200]
+    assert len(ok) == 1 and {r.status_code for r in results} <= {200, 400, 409}
+    stored = (await two.get(f"/v1/payments/{paid['id']}")).json()
+    assert stored["refunded_amount"] == 600
+    charge = next(c for c in a.channel.charges if c["id"] == paid["channel_reference"])
+    assert charge["refunded_amount"] == 600  # the channel was not refunded twice either
+
+    auth = (await one.post("/v1/payments", json=payment_body(merchant_order_id="cc-1", amount=1000, capture=False))).json()
+    results = await asyncio.gather(*(
+        (one if i % 2 else two).post(f"/v1/payments/{auth['id']}/capture", json={"amount": 700 + i}) for i in range(10)
+    ))
+    assert sum(r.status_code == 200 for r in results) == 1
+    captured = (await one.get(f"/v1/payments/{auth['id']}")).json()
+    assert captured["status"] == "captured" and captured["captured_amount"] <= 1000
