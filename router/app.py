@@ -531,6 +531,42 @@ def _governance(app: web.Application) -> GovernanceService | None:
     return holder.service if holder is not None and app[RUNTIME].current.config.governance.enabled else None
 
 
+ACTIVITY_REFRESH_S = 300.0
+
+
+async def refresh_activity(app: web.Application, cfg: Config) -> None:
+    """Rolling 30-day volumes from the ledger, for volume-tiered fees (ledger postings and the cost ranker)."""
+    from datetime import timedelta
+
+    from router.money.store import MoneyStore
+
+    money = (MoneyStore.postgres(cfg.storage.postgres_dsn) if cfg.storage.mode == "scaleout" and cfg.storage.postgres_dsn
+             else MoneyStore.sqlite(cfg.storage.sqlite_path))
+    activity = await money.monthly_activity(datetime.now(UTC) - timedelta(days=30))
+    app[STATE]["activity"] = activity
+    rt = app[RUNTIME].current
+    rt.pricing.activity = dict(activity)
+    # the cost ranker reads one volume per channel: the channel's captured volume summed over currencies
+    # (minor units; tiers are meant for one main currency per channel)
+    volumes: dict[str, int] = {}
+    for (owner, _currency), act in activity.items():
+        if owner.startswith("channel:"):
+            volumes[owner.removeprefix("channel:")] = volumes.get(owner.removeprefix("channel:"), 0) + act.volume
+    monthly = rt.env.state.get("monthly_volume")
+    if isinstance(monthly, dict):
+        monthly.clear()
+        monthly.update(volumes)
+
+
+async def _refresh_activity_forever(app: web.Application, cfg: Config) -> None:
+    while True:
+        try:
+            await refresh_activity(app, cfg)
+        except Exception:  # noqa: BLE001 - a failed refresh keeps the previous figures; logged, retried
+            log.exception("pricing activity refresh failed")
+        await asyncio.sleep(ACTIVITY_REFRESH_S)
+
+
 async def _reload_logged(app: web.Application) -> None:
     try:
         await reload_config(app)
@@ -589,6 +625,7 @@ def create_app(
         tasks = []
         if cfg.janitor.enabled:
             tasks.append(asyncio.create_task(Janitor(app[PIPELINE], m, cfg.janitor).run_forever()))
+        tasks.append(asyncio.create_task(_refresh_activity_forever(app, cfg)))
         stats = app[RUNTIME].current.env.state.get("success_stats")
         if coordination.redis is not None and stats is not None:
             from router.stats_sync import StatsSync

@@ -27,6 +27,7 @@ from router.config import (
 )
 from router.errors import ConfigError
 from router.model import Candidate, Capabilities, ChannelAdapter
+from router.money.pricing import PricingBook
 from router.money.settlement import pricing_book
 from router.transport import ChannelTransport, RetryBudget
 
@@ -118,7 +119,8 @@ class Runtime:
         env: PolicyEnv | None = None,
     ) -> None:
         self.config = cfg
-        self.env: PolicyEnv = env or (previous.env if previous else PolicyEnv(state={"success_stats": SuccessStats()}))
+        self.env: PolicyEnv = env or (previous.env if previous else PolicyEnv(
+            state={"success_stats": SuccessStats(), "monthly_volume": {}}))
         self.version = cfg.digest
         self.channels: dict[str, ChannelRuntime] = {}
         for c in cfg.channels:
@@ -138,7 +140,8 @@ class Runtime:
                 self.blocked.setdefault(cc, rule)
         self.fingerprint_key = cfg.security.fingerprint_key.encode()
         # merchant price lists (money:) and channel fees (channels[].fees), one engine for both
-        self.pricing = pricing_book(cfg.money, {c.name: c.fees for c in cfg.channels})
+        self.pricing: PricingBook = pricing_book(cfg.money, {c.name: c.fees for c in cfg.channels},
+                                                 previous.pricing.activity if previous else None)
 
     def chain_for(self, merchant_id: str) -> Chain:
         return self.merchant_chains.get(merchant_id, self.default_chain)
