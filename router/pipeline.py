@@ -163,7 +163,9 @@ class Pipeline:
                 # a retry of the same order must be told about its payment, not called a look-alike;
                 # otherwise the insert's unique constraint says so without this extra read
                 existing = await self.store.find_by_order(req.merchant_id, req.merchant_order_id)
-                if existing is not None:
+                retryable = dup.allow_retry_after_failure and existing is not None and existing.status in (
+                    Status.DECLINED, Status.FAILED)
+                if existing is not None and not retryable:
                     raise _duplicate_order(existing.id)
             payment_id = new_id("pay")
             duplicate_of = None
@@ -436,7 +438,10 @@ class Pipeline:
     async def _insert(self, p: Payment) -> None:
         events = [event_for(p)] if p.status is not Status.PROCESSING else []
         try:
-            await self.store.insert_payment(p, events, ledger=postings_for(None, p, self.pricing))
+            await self.store.insert_payment(
+                p, events, ledger=postings_for(None, p, self.pricing),
+                retry_failed_order=self._runtime().config.duplicates.allow_retry_after_failure,
+            )
         except DuplicateOrder as e:
             raise _duplicate_order(e.existing_payment_id) from None
 

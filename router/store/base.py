@@ -4,7 +4,12 @@ Contract:
 - Every write is one transaction containing the payment row, its attempts and operations, and the
   outbox events describing the change. A call returns only after that transaction committed
   durably, so the HTTP response that follows it can never announce something a crash would lose.
-- `insert_payment` enforces one payment per (merchant_id, merchant_order_id): `DuplicateOrder`.
+- `insert_payment` enforces one payment per (merchant_id, merchant_order_id): `DuplicateOrder`, naming
+  the order's live payment (else its latest). With `retry_failed_order=True`, an order whose payments
+  all ended in a definitive failure (`declined` / `failed`: nothing was charged) takes a new payment,
+  numbered `order_attempt = max + 1`. Whatever the callers do, an order never has more than one
+  payment outside `declined` / `failed` (a partial unique index): of racing retries, exactly one wins.
+  `find_by_order` returns the latest attempt.
 - `update_payment` is an optimistic write: it applies only if the stored version equals
   `expected_version` (and `payment.version == expected_version + 1`), else `VersionConflict`.
 - Nothing here ever sees a PAN or CVC: `Payment` carries only the card summary.
@@ -18,6 +23,7 @@ from typing import Protocol
 
 import msgspec
 
+from router.errors import DuplicateOrder
 from router.model import OutboxEvent, Payment, Status
 from router.money.ledger import LedgerEntry
 
@@ -31,9 +37,11 @@ class PaymentStore(Protocol):
         """Raise if the store cannot serve (used by /readyz)."""
 
     async def insert_payment(
-        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = ()
+        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = (),
+        retry_failed_order: bool = False,
     ) -> None:
-        """`ledger`: the balanced entries of this change, written in the same transaction."""
+        """`ledger`: the balanced entries of this change, written in the same transaction.
+        `retry_failed_order`: accept a new payment for an order whose payments all failed definitively."""
 
     async def update_payment(
         self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
@@ -42,13 +50,39 @@ class PaymentStore(Protocol):
 
     async def get_payment(self, payment_id: str) -> Payment | None: ...
 
-    async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None: ...
+    async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None:
+        """The order's latest payment (highest `order_attempt`)."""
 
     async def list_by_status(
         self, statuses: Sequence[Status], updated_before: datetime, limit: int = 100
     ) -> list[Payment]: ...
 
     async def outbox_events(self, payment_id: str) -> list[OutboxEvent]: ...
+
+
+# Statuses that free a merchant order for a new payment: a definitive failure, nothing was charged.
+# Both are terminal, so a payment never leaves them; the partial unique index of migration 0004 uses
+# the same list (keep them in step).
+ORDER_RETRYABLE: frozenset[str] = frozenset({Status.DECLINED.value, Status.FAILED.value})
+
+
+def next_order_attempt(
+    existing: Sequence[tuple[str, str, int]], payment_id: str, retry_failed_order: bool
+) -> int:
+    """The `order_attempt` of a new payment, given the order's payments as (id, status, order_attempt)
+    read inside the inserting transaction; or `DuplicateOrder` naming the live payment (else the latest).
+    Re-inserting a payment id the order already has is a duplicate of itself."""
+    if not existing:
+        return 1
+    latest = max(existing, key=lambda r: r[2])
+    for pid, status, _ in existing:
+        if status not in ORDER_RETRYABLE:
+            raise DuplicateOrder(pid)
+    if any(pid == payment_id for pid, _, _ in existing):
+        raise DuplicateOrder(payment_id)
+    if not retry_failed_order:
+        raise DuplicateOrder(latest[0])
+    return latest[2] + 1
 
 
 # --------------------------------------------------------------------------- webhook outbox

@@ -49,6 +49,7 @@ from router.store.base import (
     WebhookDeliveryRow,
     WebhookEndpointRow,
     manual_endpoint_state,
+    next_order_attempt,
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -80,9 +81,18 @@ _CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,
     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+# No conflict target: a racing insert of the same order (same `order_attempt`, or a second live payment)
+# waits for the other transaction, then does nothing; the caller reads the order again and decides.
 _INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
-    version, created_at, updated_at, doc) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
-    ON CONFLICT (merchant_id, merchant_order_id) DO NOTHING RETURNING 1"""
+    version, created_at, updated_at, doc, order_attempt) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)
+    ON CONFLICT DO NOTHING RETURNING 1"""
+# The same without ON CONFLICT: run only to raise the real error of a reused payment id.
+_INSERT_PAYMENT_STRICT = _INSERT_PAYMENT.replace("ON CONFLICT DO NOTHING RETURNING 1", "")
+_ORDER_PAYMENTS = """SELECT id, status, order_attempt FROM payments
+    WHERE merchant_id = $1 AND merchant_order_id = $2"""
+# Rounds of read-decide-insert before giving up: a lost race ends in DuplicateOrder after one round
+# unless the winner itself was inserted already failed.
+_INSERT_ROUNDS = 5
 _UPDATE_PAYMENT = """UPDATE payments SET status=$1, amount=$2, currency=$3, version=$4, updated_at=$5, doc=$6
     WHERE id=$7 AND version=$8"""
 _UPSERT_ATTEMPT = """INSERT INTO attempts (payment_id, seq, channel, outcome, code, latency_ms, channel_key,
@@ -223,7 +233,8 @@ class PostgresStore:
     # ------------------------------------------------------------------ writes
 
     async def insert_payment(
-        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = ()
+        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = (),
+        retry_failed_order: bool = False,
     ) -> None:
         row = (
             payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
@@ -231,18 +242,27 @@ class PostgresStore:
             _ts(payment.updated_at), _encode(payment),
         )  # fmt: skip
         children = _children(payment, events, ledger)  # built first: a bad value fails before any I/O
+        order = (payment.merchant_id, payment.merchant_order_id)
         async with self._connection() as conn, conn.transaction():
-            if await conn.fetchval(_INSERT_PAYMENT, *row) is None:
-                # Read inside the same transaction, after the conflicting insert committed (READ
-                # COMMITTED sees it), so the id named is the one that really won.
-                existing = await conn.fetchval(
-                    "SELECT id FROM payments WHERE merchant_id = $1 AND merchant_order_id = $2",
-                    payment.merchant_id,
-                    payment.merchant_order_id,
+            for _ in range(_INSERT_ROUNDS):
+                # READ COMMITTED: each statement sees what committed before it, so after a conflict
+                # (the insert waited for the racing transaction to commit) the next read sees the
+                # winner, and the id named is the one that really won.
+                existing = [tuple(r) for r in await conn.fetch(_ORDER_PAYMENTS, *order)]
+                attempt = next_order_attempt(existing, payment.id, retry_failed_order)
+                if await conn.fetchval(_INSERT_PAYMENT, *row, attempt) is not None:
+                    break
+                owner = await conn.fetchrow(
+                    "SELECT merchant_id, merchant_order_id FROM payments WHERE id = $1", payment.id
                 )
-                if existing is None:  # cannot happen without deletes; never report a wrong id
+                if owner is not None and tuple(owner) != order:
+                    # The payment id is taken by another order's payment: raise the database's own
+                    # UniqueViolationError, as before 0004. (Taken by this order: the next read names it.)
+                    await conn.execute(_INSERT_PAYMENT_STRICT, *row, attempt)
+            else:
+                if not existing:  # cannot happen without deletes; never report a wrong id
                     raise RuntimeError(f"payment {payment.id}: order conflict without a conflicting row")
-                raise DuplicateOrder(str(existing))
+                raise DuplicateOrder(str(max(existing, key=lambda r: r[2])[0]))
             await _write_children(conn, children)
 
     async def update_payment(
@@ -277,7 +297,8 @@ class PostgresStore:
 
     async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None:
         return await self._read_payment(
-            "SELECT doc FROM payments WHERE merchant_id = $1 AND merchant_order_id = $2",
+            "SELECT doc FROM payments WHERE merchant_id = $1 AND merchant_order_id = $2 "
+            "ORDER BY order_attempt DESC LIMIT 1",
             merchant_id,
             merchant_order_id,
         )

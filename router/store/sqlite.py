@@ -45,6 +45,7 @@ from router.store.base import (
     WebhookDeliveryRow,
     WebhookEndpointRow,
     manual_endpoint_state,
+    next_order_attempt,
 )
 from router.store.schema import Migration
 from router.store.schema import load_migrations as _load_migrations
@@ -83,12 +84,14 @@ class _Write:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     ledger: list[_Row] = field(default_factory=list)  # ledger entries, same savepoint
+    retry_failed_order: bool = False  # insert: may follow a definitively failed payment of the order
 
 
 _STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
 
 _INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
-    version, created_at, updated_at, doc) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"""
+    version, created_at, updated_at, doc, order_attempt) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"""
+_ORDER_PAYMENTS = """SELECT id, status, order_attempt FROM payments WHERE merchant_id = ? AND merchant_order_id = ?"""
 _UPDATE_PAYMENT = """UPDATE payments SET status=?, amount=?, currency=?, version=?, updated_at=?, doc=?
     WHERE id=? AND version=?"""
 _UPSERT_ATTEMPT = """INSERT INTO attempts (payment_id, seq, channel, outcome, code, latency_ms, channel_key,
@@ -240,14 +243,15 @@ class SqliteStore:
     # ------------------------------------------------------------------ writes
 
     async def insert_payment(
-        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = ()
+        self, payment: Payment, events: Sequence[OutboxEvent] = (), *, ledger: Sequence[LedgerEntry] = (),
+        retry_failed_order: bool = False,
     ) -> None:
         row = (
             payment.id, payment.merchant_id, payment.merchant_order_id, payment.status.value,
             payment.amount, payment.currency, payment.version, _ts(payment.created_at),
             _ts(payment.updated_at), _encode(payment),
         )
-        await self._submit(payment, row, None, events, ledger)
+        await self._submit(payment, row, None, events, ledger, retry_failed_order=retry_failed_order)
 
     async def update_payment(
         self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
@@ -266,7 +270,7 @@ class SqliteStore:
 
     async def _submit(
         self, payment: Payment, row: _Row, expected_version: int | None, events: Sequence[OutboxEvent],
-        ledger: Sequence[LedgerEntry] = (),
+        ledger: Sequence[LedgerEntry] = (), *, retry_failed_order: bool = False,
     ) -> None:
         if self._state != "running" or self._writer is None or not self._writer.is_alive():
             raise RuntimeError(f"SqliteStore is {self._state} (or its writer thread died)")
@@ -296,6 +300,7 @@ class SqliteStore:
             ],
             loop=loop,
             future=loop.create_future(),
+            retry_failed_order=retry_failed_order,
         )
         self._queue.put(write)  # unbounded SimpleQueue: never blocks the loop
         await write.future
@@ -361,15 +366,13 @@ class SqliteStore:
     def _apply(conn: sqlite3.Connection, write: _Write) -> None:
         payment_id, merchant_id, order_id = write.key
         if write.expected_version is None:
-            if conn.execute(_INSERT_PAYMENT, write.payment_row).rowcount == 0:
-                # Looked up inside the same transaction, so the id named is the one that really won.
-                row = conn.execute(
-                    "SELECT id FROM payments WHERE merchant_id = ? AND merchant_order_id = ?",
-                    (merchant_id, order_id),
-                ).fetchone()
-                if row is None:
-                    raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
-                raise DuplicateOrder(row[0])
+            # Read and inserted under the write lock (BEGIN IMMEDIATE): nobody can add a payment to this
+            # order in between, so the decision and the id named are the ones that really hold. The
+            # unique indexes of migration 0004 are the backstop.
+            existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
+            attempt = next_order_attempt(existing, payment_id, write.retry_failed_order)
+            if conn.execute(_INSERT_PAYMENT, (*write.payment_row, attempt)).rowcount == 0:
+                raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
         elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
             raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
         conn.executemany(_UPSERT_ATTEMPT, write.attempts)
@@ -389,7 +392,8 @@ class SqliteStore:
 
     async def find_by_order(self, merchant_id: str, merchant_order_id: str) -> Payment | None:
         return await self._read_payment(
-            "SELECT doc FROM payments WHERE merchant_id = ? AND merchant_order_id = ?",
+            "SELECT doc FROM payments WHERE merchant_id = ? AND merchant_order_id = ? "
+            "ORDER BY order_attempt DESC LIMIT 1",
             (merchant_id, merchant_order_id),
         )
 

@@ -69,3 +69,20 @@ async def test_100_concurrent_requests_for_one_order_with_different_keys_charge_
     assert len(ids) == 1
     existing = {r.json().get("existing_payment_id") for r in results if r.json().get("code") == "duplicate_merchant_order_id"}
     assert existing <= ids
+
+
+async def test_a_declined_order_can_be_paid_again_only_when_allowed(sandbox, payroute) -> None:
+    a = await sandbox("a")
+    declined = {"type": "card", "card": {"number": "4000000000000002", "exp_month": 12, "exp_year": 2034, "cvc": "123"}}
+    strict = await payroute({"a": a})
+    first = (await strict.pay(merchant_order_id="again-1", payment_method=declined)).json()
+    assert first["status"] == "declined"
+    r = await strict.pay(merchant_order_id="again-1")
+    assert r.status_code == 409 and r.json()["existing_payment_id"] == first["id"]
+
+    lenient = await payroute({"a": a}, duplicates={"allow_retry_after_failure": True})
+    first = (await lenient.pay(merchant_order_id="again-2", payment_method=declined)).json()
+    second = await lenient.pay(merchant_order_id="again-2")
+    assert second.status_code == 201 and second.json()["status"] == "captured" and second.json()["id"] != first["id"]
+    third = await lenient.pay(merchant_order_id="again-2")  # the order is paid now: no third payment
+    assert third.status_code == 409 and third.json()["existing_payment_id"] == second.json()["id"]

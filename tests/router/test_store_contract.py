@@ -851,3 +851,230 @@ async def test_ledger_rows_are_atomic_with_the_payment(backend: Backend, store: 
     with pytest.raises(CONSTRAINT_ERRORS):
         await store.insert_payment(q, [event(q, "captured")], ledger=[*_ledger_pair(None, q), entries[0]])  # type: ignore[arg-type]
     assert await store.get_payment(q.id) is None and await store.outbox_events(q.id) == []
+
+
+# --------------------------------------------------------------------------- a new attempt after a definitive failure
+# `insert_payment(..., retry_failed_order=True)`: an order whose payments all ended declined / failed
+# takes a new payment (order_attempt = max + 1); never two payments outside declined / failed.
+
+
+async def _failed_order(store: PaymentStore, n: int, order: str, status: Status = Status.FAILED) -> Payment:
+    p = make_payment(n, order=order)
+    await store.insert_payment(p, [event(p, "created")])
+    ended = advanced(p, status)
+    await store.update_payment(ended, p.version)
+    return ended
+
+
+async def _order_attempts(backend: Backend, order: str) -> Rows:
+    return await backend.query(
+        f"SELECT id, status, order_attempt FROM payments WHERE merchant_order_id = '{order}' ORDER BY order_attempt"
+    )
+
+
+async def test_by_default_a_failed_order_still_refuses_a_second_payment(backend: Backend, store: PaymentStore) -> None:
+    first = await _failed_order(store, 1, "o-fail")
+    second = make_payment(2, order="o-fail")
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(second, [event(second, "created")])
+    assert raised.value.existing_payment_id == first.id
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(second, retry_failed_order=False)
+    assert raised.value.existing_payment_id == first.id
+    assert await store.get_payment(second.id) is None and await store.outbox_events(second.id) == []
+    assert await store.find_by_order("m_1", "o-fail") == first
+    assert await _order_attempts(backend, "o-fail") == [(first.id, "failed", 1)]
+
+
+@pytest.mark.parametrize("ended", [Status.DECLINED, Status.FAILED])
+async def test_retry_takes_a_new_payment_after_a_definitive_failure(
+    backend: Backend, store: PaymentStore, ended: Status
+) -> None:
+    first = await _failed_order(store, 1, "o-retry", ended)
+    second = make_payment(2, order="o-retry")
+    await store.insert_payment(second, [event(second, "created")], retry_failed_order=True)
+
+    assert await store.get_payment(second.id) == second
+    assert await store.get_payment(first.id) == first  # the failed attempt stays on record
+    assert await store.find_by_order("m_1", "o-retry") == second  # the newest attempt
+    assert await store.outbox_events(second.id) == [event(second, "created")]
+    assert await _order_attempts(backend, "o-retry") == [(first.id, ended.value, 1), (second.id, "processing", 2)]
+    # the order is live again: a further retry names the live payment, not the failed one
+    third = make_payment(3, order="o-retry")
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(third, retry_failed_order=True)
+    assert raised.value.existing_payment_id == second.id
+    # the same insert again is still a duplicate of itself
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(second, retry_failed_order=True)
+    assert raised.value.existing_payment_id == second.id
+    assert await store.get_payment(third.id) is None
+
+
+@pytest.mark.parametrize(
+    "status",
+    [Status.PROCESSING, Status.PENDING, Status.REQUIRES_ACTION, Status.MANUAL_REVIEW, Status.AUTHORIZED,
+     Status.CAPTURED, Status.PARTIALLY_REFUNDED, Status.REFUNDED, Status.VOIDED],
+)
+async def test_retry_refuses_an_order_that_is_not_definitively_failed(
+    backend: Backend, store: PaymentStore, status: Status
+) -> None:
+    first = make_payment(1, order="o-live")
+    await store.insert_payment(first)
+    if status is not Status.PROCESSING:
+        first = advanced(first, status)
+        await store.update_payment(first, 1)
+    second = make_payment(2, order="o-live")
+    with pytest.raises(DuplicateOrder) as raised:
+        await store.insert_payment(second, [event(second, "created")], retry_failed_order=True)
+    assert raised.value.existing_payment_id == first.id
+    assert await store.get_payment(second.id) is None and await store.outbox_events(second.id) == []
+    assert await _order_attempts(backend, "o-live") == [(first.id, status.value, 1)]
+
+
+async def test_attempts_count_up_through_failures_and_find_by_order_returns_the_newest(
+    backend: Backend, store: PaymentStore
+) -> None:
+    p1 = await _failed_order(store, 1, "o-many", Status.DECLINED)
+    p2 = make_payment(2, order="o-many", status=Status.FAILED)  # recorded already failed (e.g. blocked)
+    await store.insert_payment(p2, [event(p2, "failed")], retry_failed_order=True)
+    assert await store.find_by_order("m_1", "o-many") == p2
+    with pytest.raises(DuplicateOrder) as raised:  # default mode names the latest failed attempt
+        await store.insert_payment(make_payment(9, order="o-many"))
+    assert raised.value.existing_payment_id == p2.id
+    p3 = make_payment(3, order="o-many")
+    await store.insert_payment(p3, retry_failed_order=True)
+    assert await store.find_by_order("m_1", "o-many") == p3
+    assert await _order_attempts(backend, "o-many") == [
+        (p1.id, "declined", 1), (p2.id, "failed", 2), (p3.id, "processing", 3)
+    ]
+    # another merchant's order with the same id is untouched by any of it
+    other = make_payment(4, order="o-many", merchant_id="m_2")
+    await store.insert_payment(other)
+    assert await store.find_by_order("m_2", "o-many") == other
+    assert await store.find_by_order("m_1", "o-many") == p3
+
+
+async def test_a_reused_payment_id_on_retry_is_still_a_constraint_error(store: PaymentStore) -> None:
+    await _failed_order(store, 1, "o-a")
+    taken = make_payment(2, order="o-b")
+    await store.insert_payment(taken)
+    clash = make_payment(2, order="o-a")  # pay_00002 again, for the failed order
+    with pytest.raises(CONSTRAINT_ERRORS):
+        await store.insert_payment(clash, [event(clash, "other")], retry_failed_order=True)
+    assert await store.get_payment(taken.id) == taken
+    assert await store.outbox_events(taken.id) == []
+
+
+async def test_concurrent_retries_after_a_failure_exactly_one_wins(backend: Backend, store: PaymentStore) -> None:
+    first = await _failed_order(store, 1, "o-race")
+    retries = [make_payment(100 + i, order="o-race") for i in range(20)]
+
+    results = await asyncio.gather(
+        *(store.insert_payment(p, [event(p, "created")], retry_failed_order=True) for p in retries),
+        return_exceptions=True,
+    )
+
+    winners = [p for p, r in zip(retries, results, strict=True) if r is None]
+    assert len(winners) == 1, results
+    [winner] = winners
+    for p, r in zip(retries, results, strict=True):
+        if p is not winner:
+            assert isinstance(r, DuplicateOrder) and r.existing_payment_id == winner.id, r
+            assert await store.get_payment(p.id) is None and await store.outbox_events(p.id) == []
+    assert await store.find_by_order("m_1", "o-race") == winner
+    assert await _order_attempts(backend, "o-race") == [(first.id, "failed", 1), (winner.id, "processing", 2)]
+
+
+async def test_the_database_itself_refuses_a_second_live_payment(backend: Backend, store: PaymentStore) -> None:
+    # The partial unique index is the guarantee, not the store's read-then-insert.
+    await store.insert_payment(make_payment(1, order="o-idx"))
+    sql = (
+        "INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency, version, "
+        "created_at, updated_at, doc, order_attempt) VALUES ('pay_x', 'm_1', 'o-idx', 'pending', 1, 'EUR', 1, "
+        "'2024-05-01T12:00:00.000000Z', '2024-05-01T12:00:00.000000Z', 'x', 2)"
+    )
+    if backend.name == "postgres":
+        sql = sql.replace("'2024-05-01T12:00:00.000000Z'", "'2024-05-01T12:00:00Z'").replace(", 'x',", ", '\\x00',")
+    with pytest.raises(CONSTRAINT_ERRORS, match="payments_live_order|UNIQUE"):
+        await backend.query(sql)
+    assert await _order_attempts(backend, "o-idx") == [("pay_00001", "processing", 1)]
+
+
+async def _insert_pre_0004(dialect: str, target: str, p: Payment) -> None:
+    """A payment row as the release before 0004 wrote it (no order_attempt column)."""
+    cols = "id, merchant_id, merchant_order_id, status, amount, currency, version, created_at, updated_at, doc"
+    doc = msgspec.json.encode(p)
+    if dialect == "sqlite":
+        def run() -> None:
+            ts = lambda dt: dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: E731
+            with contextlib.closing(sqlite3.connect(target)) as conn, conn:
+                conn.execute(
+                    f"INSERT INTO payments ({cols}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (p.id, p.merchant_id, p.merchant_order_id, p.status.value, p.amount, p.currency, p.version,
+                     ts(p.created_at), ts(p.updated_at), doc),
+                )
+
+        await asyncio.to_thread(run)
+        return
+    conn = await asyncpg.connect(target, timeout=5)
+    try:
+        await conn.execute(
+            f"INSERT INTO payments ({cols}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+            p.id, p.merchant_id, p.merchant_order_id, p.status.value, p.amount, p.currency, p.version,
+            p.created_at, p.updated_at, doc,
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+async def test_an_existing_database_migrates_and_its_payments_still_block_duplicates(
+    request: pytest.FixtureRequest, tmp_path: Path, dialect: str
+) -> None:
+    new: Callable[[Any], PaymentStore]
+    if dialect == "sqlite":
+        migrations = load_sqlite_migrations()
+        target = str(tmp_path / "old.db")
+        new = lambda m: SqliteStore(target, migrations=m)  # noqa: E731
+    else:
+        migrations = load_migrations()
+        target = request.getfixturevalue("fresh_postgres_dsn")
+        new = lambda m: PostgresStore(target, migrations=m)  # noqa: E731
+    before = [m for m in migrations if m.version < 4]
+    assert [m.name for m in migrations if m.version == 4] == ["0004_order_attempts.sql"]
+
+    old = new(before)  # the schema as the previous release left it
+    await old.start()
+    await old.close()
+    live = make_payment(1, order="o-old")
+    failed = make_payment(2, order="o-old-failed", status=Status.FAILED, updated_at=T0 + timedelta(seconds=1))
+    for p in (live, failed):
+        await _insert_pre_0004(dialect, target, p)
+
+    upgraded = new(migrations)
+    await upgraded.start()
+    try:
+        assert await upgraded.get_payment(live.id) == live
+        for retry in (False, True):
+            with pytest.raises(DuplicateOrder) as raised:
+                await upgraded.insert_payment(make_payment(3, order="o-old"), retry_failed_order=retry)
+            assert raised.value.existing_payment_id == live.id
+        with pytest.raises(DuplicateOrder) as raised:
+            await upgraded.insert_payment(make_payment(4, order="o-old-failed"))
+        assert raised.value.existing_payment_id == failed.id
+        retried = make_payment(4, order="o-old-failed")
+        await upgraded.insert_payment(retried, retry_failed_order=True)
+        assert await upgraded.find_by_order("m_1", "o-old-failed") == retried
+        assert await upgraded.get_payment(failed.id) == failed
+        assert await upgraded.list_by_status([Status.FAILED], T0 + timedelta(days=1)) == [failed]
+        updated = advanced(live, Status.CAPTURED)  # the migrated rows still take optimistic updates
+        await upgraded.update_payment(updated, 1)
+        assert await upgraded.find_by_order("m_1", "o-old") == updated
+    finally:
+        await upgraded.close()
+    if dialect == "sqlite":  # the rebuilt table kept its index and gained the two unique ones
+        with contextlib.closing(sqlite3.connect(target)) as conn:
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'payments'")}
+        assert {"payments_status_updated_at", "payments_order_attempt", "payments_live_order"} <= names
+        assert "payments_0004" not in names
