@@ -305,8 +305,8 @@ async def channel_callback(request: web.Request) -> web.Response:
         request.app[METRICS].callbacks.labels(name, "rejected").inc()
         log.warning("channel callback rejected", extra={"channel": name, "reason": str(e)})
         raise ProblemError(401, "callback_rejected", "The notification did not verify") from None
-    payment = await asyncio.shield(request.app[PIPELINE].apply_callback(name, event))
-    request.app[METRICS].callbacks.labels(name, "applied" if payment is not None else "unmatched").inc()
+    _payment, outcome = await asyncio.shield(request.app[PIPELINE].apply_callback(name, event, body))
+    request.app[METRICS].callbacks.labels(name, outcome).inc()
     return web.Response(status=ack.status, body=ack.body, headers=ack.headers)
 
 

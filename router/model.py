@@ -315,6 +315,8 @@ class CallbackEvent(msgspec.Struct, frozen=True, kw_only=True):
     channel_reference: str | None
     result: ChannelResult
     kind: str = "authorization"  # authorization | capture | void | refund
+    amount: int | None = None  # what the channel says was paid, minor units (checked against the record)
+    currency: str | None = None
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ Captures, voids and refunds follow the state machine in `router.model`; an illeg
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -587,22 +588,44 @@ class Pipeline:
         )
         return done
 
-    async def apply_callback(self, channel: str, event: CallbackEvent) -> Payment | None:
-        """Apply a verified channel notification. Late, repeated or out-of-order ones change nothing:
-        the state machine only moves forward, and a payment already settled stays as it is."""
+    async def apply_callback(self, channel: str, event: CallbackEvent, payload: bytes) -> tuple[Payment | None, str]:
+        """Apply a verified channel notification; returns the payment and what happened:
+        `applied`, `unchanged`, `duplicate`, `unmatched` or `mismatch`.
+
+        The payload is stored (deduplicated by the channel's event id) before anything else, so it is
+        durable before the acknowledgement. Late, repeated or out-of-order notifications change nothing:
+        the state machine only moves forward. A notification whose amount or currency disagrees with
+        the record raises an alert and changes nothing."""
         payment_id = (event.reference or "").rpartition("-a")[0]
+        event_id = event.event_id or hashlib.sha256(payload).hexdigest()
+        seen = await self.store.record_callback(channel, event_id, payload, payment_id or None, utcnow())
+        if seen is not None:
+            return None, "duplicate"  # already stored (and applied, or being applied): nothing more to do
         payment = await self.store.get_payment(payment_id) if payment_id else None
+        outcome = "unchanged"
         if payment is None or payment.channel not in (None, channel):
-            log.warning("callback for an unknown payment", extra={"channel": channel, "event_id": event.event_id})
-            return None
-        if event.kind != "authorization" or payment.status not in (
+            log.warning("callback for an unknown payment", extra={"channel": channel, "event_id": event_id})
+            payment, outcome = None, "unmatched"
+        elif (event.amount is not None and event.amount != payment.amount) or (
+            event.currency is not None and event.currency.upper() != payment.currency
+        ):
+            self.metrics.integration_errors.labels(channel).inc()
+            log.error("callback amount or currency disagrees with the record; nothing changed", extra={
+                "channel": channel, "payment_id": payment.id, "event_id": event_id,
+                "callback_amount": event.amount, "callback_currency": event.currency,
+                "amount": payment.amount, "currency": payment.currency})
+            outcome = "mismatch"
+        elif event.kind == "authorization" and payment.status in (
             Status.PENDING, Status.REQUIRES_ACTION, Status.MANUAL_REVIEW
         ):
-            return payment
-        try:
-            return await self._settle(payment, event.result)
-        except VersionConflict:
-            return await self.store.get_payment(payment.id)  # a concurrent settle won; that is the answer
+            try:
+                settled = await self._settle(payment, event.result)
+                outcome = "applied" if settled.status is not payment.status else "unchanged"
+                payment = settled
+            except VersionConflict:
+                payment = await self.store.get_payment(payment.id)  # a concurrent settle won; that is the answer
+        await self.store.set_callback_outcome(channel, event_id, outcome)
+        return payment, outcome
 
     async def _settle(self, payment: Payment, result: ChannelResult) -> Payment:
         """Move a pending / requires_action payment to what the channel says became of it."""

@@ -267,6 +267,8 @@ class AdyenAdapter:
             channel_reference=payment_psp,
             result=result,
             kind=kind,
+            amount=item.amount.value if kind == "authorization" else None,
+            currency=item.amount.currency,
         )
 
     # ------------------------------------------------------------------ helpers

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -303,7 +304,13 @@ class AlipayAdapter:
             result = ChannelResult(outcome=Outcome.HARD_DECLINE, channel_reference=ref, code=status)
         else:
             raise CallbackRejected(f"unknown trade_status {status!r}")
-        return CallbackEvent(event_id=p["notify_id"], reference=ref, channel_reference=ref, result=result)
+        total = p.get("total_amount")
+        try:
+            fen = int((Decimal(total) * 100).to_integral_exact()) if total else None  # CNY: 2 minor digits
+        except (InvalidOperation, ArithmeticError):
+            raise CallbackRejected("notification with an unreadable total_amount") from None
+        return CallbackEvent(event_id=p["notify_id"], reference=ref, channel_reference=ref, result=result,
+                             amount=fen, currency="CNY" if fen is not None else None)
 
     # ------------------------------------------------------------------ helpers
 

@@ -307,7 +307,9 @@ class WechatpayAdapter:
                 tx = msgspec.json.decode(plain, type=wire.Transaction)
                 result = self._transaction_result(tx)
                 return CallbackEvent(
-                    event_id=note.id, reference=tx.attach, channel_reference=tx.out_trade_no, result=result
+                    event_id=note.id, reference=tx.attach, channel_reference=tx.out_trade_no, result=result,
+                    amount=tx.amount.total if tx.amount else None,
+                    currency=(tx.amount.currency or "CNY") if tx.amount else None,
                 ), ACK
             if note.event_type.startswith("REFUND."):
                 refund = msgspec.json.decode(plain, type=wire.RefundNotice)

@@ -377,6 +377,7 @@ def governance_ctx(
         store = store_factory()
         await store.start()
         holder.service = GovernanceService(store, cfg, appliers, clock=clock, metrics=metrics, sleep=sleep)
+        await holder.service.start()
         await holder.service.refresh_merchants()
         task = asyncio.create_task(holder.service.run_sweeper()) if sweeper else None
         try:

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from router.governance.totp_crypto import parse_key
+
 
 class Role(enum.StrEnum):
     OPERATOR = "operator"  # maker: proposes changes
@@ -46,6 +48,8 @@ class RequestStatus(enum.StrEnum):
     WITHDRAWN = "withdrawn"  # the maker took it back
     EXPIRED = "expired"
     STALE = "stale"  # the object changed under it; it can never apply
+    # left `applying` past applying_timeout_s (a crash?): never re-applied; an operator must check
+    APPLY_UNKNOWN = "apply_unknown"
 
 
 OPEN_STATUSES = frozenset({RequestStatus.PENDING, RequestStatus.APPLYING})
@@ -57,7 +61,9 @@ class Admin(msgspec.Struct, frozen=True, kw_only=True):
     token_sha256: str  # the API token itself is shown once and never stored
     created_at: datetime
     created_by: str | None = None
-    totp_secret: str | None = None  # base32; set at enrolment
+    # set at enrolment: "v1:" + base64(nonce | AES-256-GCM ciphertext), associated data = `id`
+    # (see totp_crypto); a plain base32 value only when no totp_encryption_key is configured (legacy)
+    totp_secret: str | None = None
     totp_confirmed: bool = False  # an approval needs a confirmed TOTP
     disabled: bool = False
 
@@ -187,9 +193,15 @@ class GovernanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     grant_ttl_days: float = 90.0  # role grants lapse; renewing is a governed change
     exclusive_roles: bool = True  # an admin holding a maker role cannot hold a checker role
     sweep_interval_s: float = 60.0  # how often hanging requests are terminated (reads do it too)
+    # a request still `applying` this long after its final approval (the applier crashed or hung) is
+    # moved to `apply_unknown` on start and by the sweeper: audited, counted, never re-applied
+    applying_timeout_s: float = 600.0
     totp_window: int = 1  # accept codes this many 30 s steps either side
     refund_thresholds: RefundThresholds = RefundThresholds()
     auto_approval: AutoApprovalPolicy = AutoApprovalPolicy()  # the initial policy; later changes are governed
+    # AES-256-GCM key for TOTP secrets at rest: 32 bytes as 64 hex chars or base64 (use ${ENV}).
+    # None: secrets are stored in plain text (a warning at start); see config_problems
+    totp_encryption_key: str | None = None
     audit_signing_key: str | None = None  # HMAC key for signed heads (use ${ENV}); None: heads unsigned
     head_interval_s: float = 3600.0  # how often a signed head is recorded
     sqlite_path: str | None = None  # embedded mode: default is <storage.sqlite_path>.governance.db
@@ -208,6 +220,16 @@ def config_problems(cfg: GovernanceConfig) -> list[tuple[str, str]]:
         problems.append((f"{p}.grant_ttl_days", "must be positive"))
     if cfg.sweep_interval_s <= 0 or cfg.head_interval_s <= 0:
         problems.append((p, "sweep_interval_s and head_interval_s must be positive"))
+    if cfg.applying_timeout_s <= 0:
+        problems.append((f"{p}.applying_timeout_s", "must be positive"))
+    if cfg.enabled and cfg.totp_encryption_key is None:
+        problems.append((f"{p}.totp_encryption_key",
+                         "governance.totp_encryption_key is required (TOTP secrets are encrypted at rest)"))
+    if cfg.totp_encryption_key is not None:
+        try:
+            parse_key(cfg.totp_encryption_key)
+        except ValueError as e:
+            problems.append((f"{p}.totp_encryption_key", str(e)))
     if not 0 <= cfg.totp_window <= 2:
         problems.append((f"{p}.totp_window", "must be 0, 1 or 2"))
     if not 0 <= cfg.auto_approval.weight_decrease_max_pct <= 100:

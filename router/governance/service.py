@@ -15,6 +15,10 @@
   approves a grant to themselves.
 - Low-risk changes inside the auto-approval policy apply without review (audited as such); the policy
   itself is only changed through maker-checker and never auto-approved.
+- TOTP secrets are stored encrypted (AES-256-GCM under `totp_encryption_key`, bound to the admin id;
+  see totp_crypto). Legacy plain secrets are re-encrypted on start and on their next use.
+- A request left `applying` longer than `applying_timeout_s` (a crash mid-apply) ends `apply_unknown`
+  on start and in the sweeper: audited, counted, never re-applied automatically.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from router.governance.store import (
     OpenRequestExists,
     RequestConflict,
 )
+from router.governance.totp_crypto import TotpCipher, TotpSecretUnreadable, is_encrypted, parse_key
 
 log = logging.getLogger("payroute.governance")
 
@@ -100,6 +105,12 @@ class GovernanceMetrics:
         )
         self.refusals = Counter(
             "payroute_governance_refusals", "Refused governance actions by code", ["code"], registry=r
+        )
+        self.apply_unknown = Counter(
+            "payroute_governance_apply_unknown",
+            "Requests found stuck in `applying` past applying_timeout_s (outcome unknown: check by hand)",
+            ["kind"],
+            registry=r,
         )
 
 
@@ -229,6 +240,9 @@ class GovernanceService:
         self.metrics = metrics or GovernanceMetrics()
         self._sleep = sleep
         self._signing_key = cfg.audit_signing_key.encode() if cfg.audit_signing_key else None
+        self._totp_cipher = TotpCipher(
+            parse_key(cfg.totp_encryption_key) if cfg.totp_encryption_key is not None else None
+        )
         # governed merchant records, for the payment path to read without a query per payment;
         # refreshed after every merchant change here and on every sweep (other instances)
         self.merchant_snapshot: dict[str, MerchantState] = {}
@@ -399,11 +413,57 @@ class GovernanceService:
         )
         return token
 
+    async def start(self) -> None:
+        """On start: re-encrypt legacy plain TOTP secrets, and mark requests stuck in `applying`."""
+        if not self._totp_cipher.enabled:
+            if self.cfg.enabled:
+                log.warning(
+                    "governance.totp_encryption_key is not set: TOTP secrets are stored in plain text"
+                )
+        else:
+            for admin in await self.store.list_admins():
+                await self._reencrypt_legacy(admin)
+        await self.recover_stuck_applying()
+
+    async def _reencrypt_legacy(self, admin: Admin) -> Admin:
+        """With a key configured, replace a legacy plain secret by its encrypted form (audited)."""
+        if not (self._totp_cipher.enabled and admin.totp_secret and not is_encrypted(admin.totp_secret)):
+            return admin
+        new = msgspec.structs.replace(admin, totp_secret=self._totp_cipher.seal(admin.id, admin.totp_secret))
+        await self.store.commit(
+            Commit(admins=[new], audit=[self._draft("system", "admin.totp_reencrypt", f"admin:{admin.id}")])
+        )
+        return new
+
+    async def _verify_totp(
+        self, actor: Actor, admin: Admin, code: str | None, action: str
+    ) -> tuple[int | None, Admin]:
+        """`_totp_step`, with an unreadable stored secret refused (audited) and a legacy one re-encrypted
+        (the admin returned is as now stored)."""
+        try:
+            step = self._totp_step(admin, code)
+        except TotpSecretUnreadable as e:
+            log.error("governance TOTP secret unreadable", extra={"admin": admin.id, "error": str(e)})
+            raise await self._refuse(
+                actor,
+                action,
+                f"admin:{admin.id}",
+                ProblemError(
+                    500,
+                    "totp_secret_unreadable",
+                    "The stored TOTP secret cannot be decrypted; check governance.totp_encryption_key",
+                    str(e),
+                ),
+            ) from None
+        if step is not None:
+            admin = await self._reencrypt_legacy(admin)
+        return step, admin
+
     def _totp_step(self, admin: Admin, code: str | None) -> int | None:
-        """The time step `code` is valid for (within the window), or None."""
+        """The time step `code` is valid for (within the window), or None. Raises TotpSecretUnreadable."""
         if not admin.totp_secret or not code or not code.isdigit():
             return None
-        totp = pyotp.TOTP(admin.totp_secret)
+        totp = pyotp.TOTP(self._totp_cipher.open(admin.id, admin.totp_secret))
         now = self.clock()
         base = totp.timecode(now)
         for offset in sorted(range(-self.cfg.totp_window, self.cfg.totp_window + 1), key=abs):
@@ -417,7 +477,7 @@ class GovernanceService:
         admin = await self.store.get_admin(actor.id) or actor.admin
         step: int | None = None
         if admin.totp_confirmed:
-            step = self._totp_step(admin, current_code)
+            step, admin = await self._verify_totp(actor, admin, current_code, "admin.totp_enrol")
             if step is None:
                 raise await self._refuse(
                     actor,
@@ -430,7 +490,9 @@ class GovernanceService:
                     ),
                 )
         secret = pyotp.random_base32()
-        new = msgspec.structs.replace(admin, totp_secret=secret, totp_confirmed=False)
+        new = msgspec.structs.replace(
+            admin, totp_secret=self._totp_cipher.seal(admin.id, secret), totp_confirmed=False
+        )
         try:
             await self.store.commit(
                 Commit(
@@ -451,7 +513,7 @@ class GovernanceService:
 
     async def confirm_totp(self, actor: Actor, code: str) -> None:
         admin = await self.store.get_admin(actor.id) or actor.admin
-        step = self._totp_step(admin, code)
+        step, admin = await self._verify_totp(actor, admin, code, "admin.totp_confirm")
         if step is None:
             raise await self._refuse(
                 actor,
@@ -808,7 +870,7 @@ class GovernanceService:
         admin = await self.store.get_admin(actor.id) or actor.admin
         if not admin.totp_confirmed:
             raise await refuse(403, "totp_not_enrolled", "Enrol and confirm TOTP before approving")
-        step = self._totp_step(admin, code)
+        step, admin = await self._verify_totp(actor, admin, code, "request.approve")
         if step is None:
             raise await refuse(
                 403,
@@ -958,34 +1020,60 @@ class GovernanceService:
                 result={"error": detail},
                 reason=detail,
             )
-            await self.store.commit(
-                Commit(
-                    request=failed,
-                    expected_request_version=applying.version,
-                    audit=[
-                        self._draft(
-                            actor, "request.apply", obj, "failed", request_id=r.id, detail={"error": detail}
-                        )
-                    ],
+            try:
+                await self.store.commit(
+                    Commit(
+                        request=failed,
+                        expected_request_version=applying.version,
+                        audit=[
+                            self._draft(
+                                actor,
+                                "request.apply",
+                                obj,
+                                "failed",
+                                request_id=r.id,
+                                detail={"error": detail},
+                            )
+                        ],
+                    )
                 )
-            )
+            except RequestConflict:
+                return await self._late_outcome(actor, applying, "failed", {"error": detail})
             self.metrics.requests.labels(r.kind.value, "failed").inc()
             return failed
         result = result_doc(value)
         done = msgspec.structs.replace(
             applying, version=applying.version + 1, status=RequestStatus.APPLIED, result=result
         )
-        await self.store.commit(
-            Commit(
-                request=done,
-                expected_request_version=applying.version,
-                audit=[
-                    self._draft(actor, "request.apply", obj, request_id=r.id, after=r.payload, detail=result)
-                ],
+        try:
+            await self.store.commit(
+                Commit(
+                    request=done,
+                    expected_request_version=applying.version,
+                    audit=[
+                        self._draft(
+                            actor, "request.apply", obj, request_id=r.id, after=r.payload, detail=result
+                        )
+                    ],
+                )
             )
-        )
+        except RequestConflict:
+            return await self._late_outcome(actor, applying, "ok", result)
         self._observe(done, path)
         return done
+
+    async def _late_outcome(
+        self, actor: Actor, applying: ChangeRequest, outcome: str, detail: dict[str, Any]
+    ) -> ChangeRequest:
+        """The applier finished after the request was marked `apply_unknown` (it ran past
+        applying_timeout_s): the request stays as it is, but what really happened is audited."""
+        obj = f"{applying.kind.value}:{applying.object_id}"
+        log.error(
+            "governance apply finished after its timeout", extra={"request": applying.id, "outcome": outcome}
+        )
+        await self._audit(actor.id, "request.apply_late", obj, outcome, source=actor.source,
+                          request_id=applying.id, detail=detail)  # fmt: skip
+        return await self.store.get_request(applying.id) or applying
 
     def _observe(self, r: ChangeRequest, path: str) -> None:
         self.metrics.requests.labels(r.kind.value, "applied").inc()
@@ -1129,18 +1217,44 @@ class GovernanceService:
         self.metrics.requests.labels(r.kind.value, status.value).inc()
         return new
 
-    async def _end(self, r: ChangeRequest, status: RequestStatus, actor: str, reason: str) -> None:
-        """Terminate an open request (expiry, stale object, failed apply); losing a race to another end is fine."""
+    async def _end(
+        self, r: ChangeRequest, status: RequestStatus, actor: str, reason: str, outcome: str = "ok"
+    ) -> bool:
+        """Terminate an open request (expiry, stale object, failed apply); losing a race to another end is
+        fine (returns False)."""
         new = msgspec.structs.replace(
             r, version=r.version + 1, status=status, decided_at=self.clock(), reason=reason
         )
         try:
             await self.store.commit(Commit(request=new, expected_request_version=r.version, audit=[
-                self._draft(actor, f"request.{status.value}", f"{r.kind.value}:{r.object_id}", request_id=r.id,
-                            detail={"reason": reason})]))  # fmt: skip
+                self._draft(actor, f"request.{status.value}", f"{r.kind.value}:{r.object_id}", outcome,
+                            request_id=r.id, detail={"reason": reason})]))  # fmt: skip
         except RequestConflict:
-            return
+            return False
         self.metrics.requests.labels(r.kind.value, status.value).inc()
+        return True
+
+    async def recover_stuck_applying(self) -> int:
+        """Requests left `applying` longer than applying_timeout_s after their final approval (the process
+        crashed, or the applier hung) end `apply_unknown`: audited, counted, logged. They are never
+        re-applied automatically: whether the change took effect must be checked by an operator."""
+        now = self.clock()
+        limit = timedelta(seconds=self.cfg.applying_timeout_s)
+        n = 0
+        for r in await self.store.list_requests(RequestStatus.APPLYING.value, limit=10_000):
+            since = r.decided_at or r.created_at
+            if now - since < limit:
+                continue
+            reason = (
+                f"still applying {int((now - since).total_seconds())} s after the final approval "
+                f"(applying_timeout_s {self.cfg.applying_timeout_s:g}); the outcome is unknown: check "
+                f"{r.kind.value}:{r.object_id} by hand; it is never re-applied automatically"
+            )
+            if await self._end(r, RequestStatus.APPLY_UNKNOWN, "system", reason, outcome="failed"):
+                self.metrics.apply_unknown.labels(r.kind.value).inc()
+                log.error("governance request stuck in applying", extra={"request": r.id, "reason": reason})
+                n += 1
+        return n
 
     async def expire_due(self) -> int:
         """Terminate every pending request past its expiry; returns how many."""
@@ -1176,6 +1290,7 @@ class GovernanceService:
         while True:
             try:
                 await self.expire_due()
+                await self.recover_stuck_applying()
                 await self.refresh_merchants()
                 since_head += self.cfg.sweep_interval_s
                 if since_head >= self.cfg.head_interval_s:

@@ -59,6 +59,14 @@ class PaymentStore(Protocol):
 
     async def outbox_events(self, payment_id: str) -> list[OutboxEvent]: ...
 
+    async def record_callback(
+        self, channel: str, event_id: str, payload: bytes, payment_id: str | None, received_at: datetime
+    ) -> str | None:
+        """Store an inbound callback before it is acknowledged. Returns None the first time; for a
+        callback already stored under (channel, event_id), the outcome recorded for it ("" while open)."""
+
+    async def set_callback_outcome(self, channel: str, event_id: str, outcome: str) -> None: ...
+
 
 # Statuses that free a merchant order for a new payment: a definitive failure, nothing was charged.
 # Both are terminal, so a payment never leaves them; the partial unique index of migration 0004 uses

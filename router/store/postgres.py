@@ -402,6 +402,29 @@ class PostgresStore:
                 )
             return len(events)
 
+    async def record_callback(
+        self, channel: str, event_id: str, payload: bytes, payment_id: str | None, received_at: datetime
+    ) -> str | None:
+        async with self._connection() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "INSERT INTO channel_callbacks (channel, event_id, received_at, payment_id, payload) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
+                channel, event_id, received_at, payment_id, payload,
+            )
+            if inserted:
+                return None
+            outcome = await conn.fetchval(
+                "SELECT outcome FROM channel_callbacks WHERE channel = $1 AND event_id = $2", channel, event_id
+            )
+            return str(outcome or "")
+
+    async def set_callback_outcome(self, channel: str, event_id: str, outcome: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE channel_callbacks SET outcome = $1 WHERE channel = $2 AND event_id = $3",
+                outcome, channel, event_id,
+            )
+
     async def claim_deliveries(
         self, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
     ) -> list[DeliveryClaim]:

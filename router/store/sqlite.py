@@ -427,6 +427,31 @@ class SqliteStore:
             for r in rows
         ]
 
+    async def record_callback(
+        self, channel: str, event_id: str, payload: bytes, payment_id: str | None, received_at: datetime
+    ) -> str | None:
+        def work(conn: sqlite3.Connection) -> str | None:
+            inserted = conn.execute(
+                "INSERT INTO channel_callbacks (channel, event_id, received_at, payment_id, payload) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (channel, event_id, _ts(received_at), payment_id, payload),
+            ).rowcount
+            if inserted:
+                return None
+            row = conn.execute(
+                "SELECT outcome FROM channel_callbacks WHERE channel = ? AND event_id = ?", (channel, event_id)
+            ).fetchone()
+            return str(row[0] or "")
+
+        return await self._outbox_write(work)
+
+    async def set_callback_outcome(self, channel: str, event_id: str, outcome: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE channel_callbacks SET outcome = ? WHERE channel = ? AND event_id = ?",
+                         (outcome, channel, event_id))
+
+        await self._outbox_write(work)
+
     async def _read_payment(self, sql: str, params: _Row) -> Payment | None:
         row = await self._read(lambda conn: conn.execute(sql, params).fetchone())
         return None if row is None else _decode_payment(row[0])

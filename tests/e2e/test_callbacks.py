@@ -20,7 +20,8 @@ class SignedJsonAdapter(SandboxAdapter):
             raise CallbackRejected("bad signature")
         doc = orjson.loads(body)
         event = CallbackEvent(event_id=doc["id"], reference=doc["reference"], channel_reference=None,
-                              result=ChannelResult(outcome=Outcome(doc["outcome"]), code=doc.get("code")))
+                              result=ChannelResult(outcome=Outcome(doc["outcome"]), code=doc.get("code")),
+                              amount=doc.get("amount"), currency=doc.get("currency"))
         return event, WireResponse(status=200, headers={"Content-Type": "text/plain"}, body=b"success")
 
 
@@ -62,3 +63,31 @@ async def test_callback_for_unknown_channel_or_payment(sandbox, payroute) -> Non
     r = await pr.client.post("/callbacks/a", content=body, headers={"X-Signature": "good"})
     assert r.status_code == 200  # acknowledged so the channel stops retrying; counted as unmatched
     assert 'payroute_callbacks_total{channel="a",result="unmatched"} 1.0' in (await pr.client.get("/metrics")).text
+
+
+async def test_callbacks_are_stored_deduplicated_and_checked_against_the_record(sandbox, payroute, tmp_path) -> None:
+    import sqlite3
+
+    a = await sandbox("a", Script(failure="error_after"))
+    pr = await payroute({"a": a})
+    pr.runtime.channels["a"].adapter = SignedJsonAdapter({})
+    p = (await pr.pay(merchant_order_id="cb-3", amount=1099)).json()
+    ref = f"{p['id']}-a1"
+    wrong = orjson.dumps({"id": "evt-w", "reference": ref, "outcome": "approved", "amount": 1, "currency": "USD"})
+    r = await pr.client.post("/callbacks/a", content=wrong, headers={"X-Signature": "good"})
+    assert r.status_code == 200  # acknowledged (the channel must stop), but nothing changed
+    assert (await pr.client.get(f"/v1/payments/{p['id']}")).json()["status"] == "pending"
+    right = orjson.dumps({"id": "evt-r", "reference": ref, "outcome": "approved", "amount": 1099, "currency": "usd"})
+    for _ in range(3):  # the channel redelivers: applied once
+        assert (await pr.client.post("/callbacks/a", content=right, headers={"X-Signature": "good"})).status_code == 200
+    assert (await pr.client.get(f"/v1/payments/{p['id']}")).json()["status"] == "captured"
+    metrics = (await pr.client.get("/metrics")).text
+    assert 'payroute_callbacks_total{channel="a",result="mismatch"} 1.0' in metrics
+    assert 'payroute_callbacks_total{channel="a",result="applied"} 1.0' in metrics
+    assert 'payroute_callbacks_total{channel="a",result="duplicate"} 2.0' in metrics
+    assert 'payroute_integration_errors_total{channel="a"} 1.0' in metrics
+    db = sqlite3.connect(tmp_path / "payroute.db")
+    rows = db.execute("SELECT event_id, outcome, payload FROM channel_callbacks ORDER BY received_at").fetchall()
+    db.close()
+    assert [(e, o) for e, o, _ in rows] == [("evt-w", "mismatch"), ("evt-r", "applied")]
+    assert rows[1][2] == right  # stored as received, before the acknowledgement

@@ -23,7 +23,7 @@ async def test_governed_refund_and_config_change_through_the_app(sandbox, tmp_pa
     doc = {
         "storage": {"sqlite_path": str(tmp_path / "p.db")},
         "admin": {"tokens": [{"key": LEGACY}]},
-        "governance": {"enabled": True, "refund_thresholds": {"default": {"USD": 5000}}},
+        "governance": {"enabled": True, "refund_thresholds": {"default": {"USD": 5000}}, "totp_encryption_key": "5f" * 32},
         "channels": [channel_entry("a", a)],
         "merchants": [{"id": "alpha", "api_keys": [{"key": API_KEY}]}],
     }

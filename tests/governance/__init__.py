@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyotp
 import pytest
 
@@ -17,6 +18,8 @@ from router.governance.service import Actor, GovernanceService
 from router.governance.store import GovernanceStore, PostgresGovernanceStore, SqliteGovernanceStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+# the TOTP encryption key the governance tests run with (64 hex characters = 32 bytes)
+TOTP_KEY = "5f" * 32
 
 CONFIG_V1 = """\
 channels:
@@ -127,10 +130,17 @@ async def build_world(
     cfg: GovernanceConfig | None = None,
     roles: dict[str, list[Role]] | None = None,
     clock: Clock | None = None,
+    *,
+    encrypt: bool = True,
 ) -> World:
+    """Bootstrapped admins with confirmed TOTP. Secrets are encrypted under TOTP_KEY unless `cfg` names
+    another key or `encrypt` is False."""
     clock = clock or Clock()
     stub = StubAppliers()
-    svc = GovernanceService(store, cfg or GovernanceConfig(enabled=True), stub.appliers(), clock=clock)
+    cfg = cfg or GovernanceConfig(enabled=True)
+    if encrypt and cfg.totp_encryption_key is None:
+        cfg = msgspec.structs.replace(cfg, totp_encryption_key=TOTP_KEY)
+    svc = GovernanceService(store, cfg, stub.appliers(), clock=clock)
     spec = roles or DEFAULT_ROLES
     created = await svc.bootstrap([(name, r) for name, r in spec.items()])
     actors = {a.name: Actor(a, "127.0.0.1") for a, _ in created}

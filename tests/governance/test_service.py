@@ -209,24 +209,47 @@ async def test_one_open_request_per_object(world: World) -> None:
     ).status is RequestStatus.PENDING
 
 
-async def test_concurrent_final_approvals_apply_exactly_once(store: GovernanceStore) -> None:
+RACE_ROUNDS = 50
+RACERS = 6  # concurrent final approvals per round
+
+
+async def test_50_races_of_concurrent_final_approvals_apply_exactly_once(store: GovernanceStore) -> None:
+    """50 rounds, each a fresh request and RACERS concurrent final approvals; the clock moves 30 s a round
+    so every code is fresh. Rounds alternate an external apply (config, through `applying`) and an
+    internal one (merchant onboarding, written in the approval's transaction)."""
     roles: dict[str, list[Role]] = {"op": [Role.OPERATOR], "aud": [Role.AUDITOR]}
-    roles.update({f"rev{i}": [Role.REVIEWER] for i in range(21)})
+    roles.update({f"rev{i}": [Role.REVIEWER] for i in range(RACERS + 1)})
     w = await build_world(store, roles=roles)
-    r = await w.svc.propose(w.actors["op"], "config", None, config_payload(70))
-    await w.svc.approve(w.actors["rev0"], r.id, w.code("rev0"))
-    results = await asyncio.gather(
-        *(w.svc.approve(w.actors[f"rev{i}"], r.id, w.code(f"rev{i}"), stage="final") for i in range(1, 21)),
-        return_exceptions=True,
-    )
-    applied = [x for x in results if not isinstance(x, BaseException)]
-    assert len(applied) == 1 and applied[0].status is RequestStatus.APPLIED
-    assert all(
-        isinstance(x, ProblemError) and x.status == 409 for x in results if isinstance(x, BaseException)
-    )
-    assert len(w.stub.config_calls) == 1
-    final = await store.get_request(r.id)
-    assert final is not None and final.status is RequestStatus.APPLIED and len(final.approvals) == 2
+    codes: list[str] = []
+    for n in range(RACE_ROUNDS):
+        w.clock.advance(seconds=30)
+        external = n % 2 == 0
+        if external:
+            r = await w.svc.propose(w.actors["op"], "config", None, config_payload(200 + n))
+        else:
+            r = await w.svc.propose(w.actors["op"], "merchant", f"m{n}", {"action": "onboard"})
+        await w.svc.approve(w.actors["rev0"], r.id, w.code("rev0"), stage="initial")
+        results = await asyncio.gather(
+            *(w.svc.approve(w.actors[f"rev{i}"], r.id, w.code(f"rev{i}"), stage="final")
+              for i in range(1, RACERS + 1)),
+            return_exceptions=True,
+        )  # fmt: skip
+        won = [x for x in results if not isinstance(x, BaseException)]
+        assert len(won) == 1 and won[0].status is RequestStatus.APPLIED, (n, results)
+        lost = [x for x in results if isinstance(x, BaseException)]
+        assert all(isinstance(x, ProblemError) and x.status == 409 for x in lost), (n, lost)
+        codes += [x.code for x in lost if isinstance(x, ProblemError)]
+        final = await store.get_request(r.id)
+        assert final is not None and final.status is RequestStatus.APPLIED and len(final.approvals) == 2
+        # applied exactly once: one applier call / one object write per round so far
+        assert len(w.stub.config_calls) == n // 2 + 1
+        merchants = await store.list_objects("merchant")
+        assert len(merchants) == (n + 1) // 2 and all(o.version == 1 for _, o in merchants)
+    # real races: losers got past every check and lost the compare-and-set itself
+    assert codes.count("request_conflict") >= RACE_ROUNDS, sorted(set(codes))
+    entries = await w.svc.audit_entries(w.actors["aud"], 0, 100_000)
+    applies = [e for e in entries if e.action == "request.apply" and e.outcome == "ok"]
+    assert len(applies) == RACE_ROUNDS and len({e.request_id for e in applies}) == RACE_ROUNDS
     assert (await w.svc.verify()).ok
 
 

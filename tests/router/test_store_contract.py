@@ -1078,3 +1078,12 @@ async def test_an_existing_database_migrates_and_its_payments_still_block_duplic
             names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'payments'")}
         assert {"payments_status_updated_at", "payments_order_attempt", "payments_live_order"} <= names
         assert "payments_0004" not in names
+
+
+async def test_callbacks_are_recorded_once_per_channel_event(store: PaymentStore) -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    assert await store.record_callback("ch", "evt-1", b'{"a":1}', "pay_1", at) is None
+    assert await store.record_callback("ch", "evt-1", b'{"a":1}', "pay_1", at) == ""  # stored, still open
+    await store.set_callback_outcome("ch", "evt-1", "applied")
+    assert await store.record_callback("ch", "evt-1", b"other", None, at) == "applied"
+    assert await store.record_callback("other-ch", "evt-1", b"x", None, at) is None  # per channel

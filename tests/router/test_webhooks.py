@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -179,14 +180,14 @@ FAST = dict(allow_networks=LOOPBACK, connect_timeout_s=2.0, total_timeout_s=5.0,
 
 
 def dispatcher(
-    store: DurableStore, endpoints: list[Endpoint], clock: VirtualClock, *, rng: float = 0.0,
+    store: DurableStore, endpoints: list[Endpoint], clock: VirtualClock, *, rng: float | Callable[[], float] = 0.0,
     registry: CollectorRegistry | None = None, owner: str | None = None, **settings: Any,
 ) -> WebhookDispatcher:
     s = msgspec.convert({**FAST, **settings}, WebhooksSettings)
     assert not check_webhooks_settings(s)
     return WebhookDispatcher(
         store, lambda: endpoints, s, WebhookMetrics(registry or CollectorRegistry()), clock=clock,
-        sleep=clock.sleep, rng=lambda: rng, timestamp_clock=wall, owner=owner,
+        sleep=clock.sleep, rng=rng if callable(rng) else (lambda: rng), timestamp_clock=wall, owner=owner,
     )
 
 
@@ -533,6 +534,79 @@ async def test_per_payment_order_while_other_payments_flow(sqlite_store: SqliteS
         await d.aclose()
     assert [e for e in rec.ids() if e in b] == b
     assert [e for e in rec.ids() if e in a] == [a[0], a[0], a[0], a[1], a[2]]
+
+
+async def test_receiver_down_6h_everything_delivered_after_recovery_on_schedule(
+    sqlite_store: SqliteStore, receiver: StartReceiver
+) -> None:
+    """Receiver answers 503 (no Retry-After) until virtual T0 + 6 h, then 200. Default schedule, full
+    jitter from a seeded RNG. The breaker is set out of reach here so every attempt is the schedule's
+    (the breaker's pause/probe has its own test above)."""
+    clock = VirtualClock()
+    rec = await receiver(clock)
+    recovery = T0 + timedelta(hours=6)
+    replies: dict[int, int] = {}  # id(hit) -> status answered
+
+    def script(hit: Hit) -> Reply:
+        status = 503 if hit.at < recovery else 200
+        replies[id(hit)] = status
+        return (status, {}, b"down" if status == 503 else b"ok")
+
+    rec.script = script
+    ledger = Ledger(sqlite_store)
+    kinds = ("authorized", "captured", "refunded")
+    per_payment: dict[str, list[str]] = {f"pay_{i}": [] for i in range(5)}
+    for kind in kinds:  # interleaved across payments, the way concurrent traffic commits them
+        for pid, evs in per_payment.items():
+            evs.append(await ledger.emit(pid, kind))
+    events = [e for evs in per_payment.values() for e in evs]
+    schedule = WebhooksSettings().schedule_s
+    draws = random.Random(20240601)
+    d = dispatcher(sqlite_store, [endpoint(rec.url)], clock, rng=draws.random, breaker_failures=1000)
+    await d.start(run=False)
+    try:
+        await drive(d, clock, lambda: sum(1 for h in rec.hits if replies.get(id(h)) == 200) == len(events),
+                    steps=500)
+    finally:
+        await d.aclose()
+
+    # everything delivered after recovery, exactly once with a 2xx, under its original webhook-id
+    ok = [h for h in rec.hits if replies[id(h)] == 200]
+    assert sorted(h.event_id for h in ok) == sorted(events)
+    assert all(h.at >= recovery for h in ok)
+    assert {h.event_id for h in rec.hits} == set(events)  # no id was ever minted anew
+    for hit in rec.hits:
+        assert verify(hit)["id"] == hit.event_id  # the payload's id is the webhook-id
+    rows = {r.event_id: r for r in await sqlite_store.list_webhook_deliveries(limit=1000)}
+    assert {e: rows[e].status for e in events} == dict.fromkeys(events, "delivered")
+
+    for pid, evs in per_payment.items():
+        # per-payment order at the receiver: no event before the previous one was delivered
+        seen = [h.event_id for h in rec.hits if h.event_id in evs]
+        assert [e for i, e in enumerate(seen) if i == 0 or seen[i - 1] != e] == evs, pid
+        first_ok = {h.event_id: h.at for h in ok if h.event_id in evs}
+        assert first_ok[evs[0]] <= first_ok[evs[1]] <= first_ok[evs[2]]
+
+        # the first event carried the outage: its attempts follow the schedule within full jitter
+        hits = [h for h in rec.hits if h.event_id == evs[0]]
+        assert hits[0].at == T0  # immediately
+        assert [replies[id(h)] for h in hits] == [503] * (len(hits) - 1) + [200]
+        assert hits[-2].at < recovery <= hits[-1].at  # the first attempt after recovery succeeded
+        assert len(hits) <= len(schedule)  # never dead-lettered
+        for k, (a, b) in enumerate(zip(hits, hits[1:], strict=False), start=1):
+            gap = (b.at - a.at).total_seconds()
+            assert 0 < gap <= schedule[k], (pid, k, gap, schedule[k])
+        # the store's attempt history is the receiver's view: same instants, statuses and count
+        attempts = await sqlite_store.webhook_attempts(evs[0])
+        assert [a.started_at for a in attempts] == [h.at for h in hits]
+        assert [a.status_code for a in attempts] == [replies[id(h)] for h in hits]
+        assert [a.attempt for a in attempts] == list(range(1, len(hits) + 1))
+        # the later events were never tried while an earlier one of the payment was pending:
+        # one attempt each, at once, when their predecessor had been delivered
+        for prev, e in zip(evs, evs[1:], strict=False):
+            assert [h.at for h in rec.hits if h.event_id == e] == [first_ok[prev]]
+    # the outage was long enough to walk deep into the schedule (6 h spans the 1m..2h steps)
+    assert max(sum(1 for h in rec.hits if h.event_id == evs[0]) for evs in per_payment.values()) >= 6
 
 
 async def test_ssrf_refusal_sends_nothing(sqlite_store: SqliteStore, receiver: StartReceiver) -> None:
