@@ -490,6 +490,7 @@ class WebhookDispatcher:
         started: list[asyncio.Task[None]] = []
         rows = {r.id: r for r in await self.store.list_webhook_endpoints()}
         lease_until = now + timedelta(seconds=s.lease_s)
+        refill = max(1, s.concurrency_per_endpoint // 4)
         for ep in endpoints.values():
             row = rows.get(ep.id)
             if row is None:
@@ -497,7 +498,9 @@ class WebhookDispatcher:
             self._metrics.endpoint_state.labels(ep.id).set(_STATE_VALUE.get(row.state, 0))
             mine = self._in_flight.setdefault(ep.id, set())
             free = min(s.concurrency_per_endpoint - len(mine), s.max_in_flight - len(self._all_in_flight()))
-            if free <= 0:
+            if free <= 0 or (mine and free < refill):
+                # each claim is a store transaction: with sends in flight, wait until a quarter of the
+                # slots are free and claim them together, not one by one (a completion re-runs the tick)
                 continue
             claims: list[DeliveryClaim] = []
             if row.state == "active":
