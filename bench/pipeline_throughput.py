@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -90,11 +91,20 @@ def pct(xs: list[float], p: float) -> float:
     return sorted(xs)[min(len(xs) - 1, int(len(xs) * p))] * 1000
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("-c", "--concurrency", type=int, default=32)
-    ap.add_argument("-d", "--duration", type=float, default=10.0)
-    args = ap.parse_args()
+@dataclass
+class Services:
+    procs: list[subprocess.Popen[bytes]]
+    hop_url: str
+    pr_url: str
+    db: Path
+
+    @property
+    def payroute_pid(self) -> int:
+        return self.procs[-1].pid
+
+
+async def start_services(extra_config: str = "") -> Services:
+    """Sandbox channel, bare hop and payroute, each in its own process; returns once all listen."""
     tmp = Path(tempfile.mkdtemp(prefix="payroute-bench-"))
     sbx, hop, pr = free_port(), free_port(), free_port()
     (tmp / "cfg.yaml").write_text(f"""
@@ -103,7 +113,7 @@ storage: {{mode: embedded, sqlite_path: {tmp / 'bench.db'}}}
 sandbox: [{{name: sbx, port: {sbx}}}]
 channels: [{{name: sbx, adapter: sandbox, base_url: "http://127.0.0.1:{sbx}", max_connections: 256}}]
 merchants: [{{id: bench, api_keys: [{{key: {KEY}}}]}}]
-""")
+""" + extra_config)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-m", "router.cli", "sandbox", "--config", str(tmp / "cfg.yaml")], env=env,
@@ -115,9 +125,30 @@ merchants: [{{id: bench, api_keys: [{{key: {KEY}}}]}}]
     (tmp / "pr.yaml").write_text((tmp / "cfg.yaml").read_text().replace(f"sandbox: [{{name: sbx, port: {sbx}}}]\n", ""))
     procs.append(subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(tmp / "pr.yaml")], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    svc = Services(procs, f"http://127.0.0.1:{hop}/v1/payments", f"http://127.0.0.1:{pr}/v1/payments", tmp / "bench.db")
     try:
         for port in (sbx, hop, pr):
             await wait_port(port)
+    except BaseException:
+        stop_services(svc)
+        raise
+    return svc
+
+
+def stop_services(svc: Services) -> None:
+    for p in svc.procs:
+        p.terminate()
+    for p in svc.procs:
+        p.wait()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-c", "--concurrency", type=int, default=32)
+    ap.add_argument("-d", "--duration", type=float, default=10.0)
+    args = ap.parse_args()
+    svc = await start_services()
+    try:
         card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 
         def hop_body(w: int, n: int) -> dict[str, object]:
@@ -127,16 +158,13 @@ merchants: [{{id: bench, api_keys: [{{key: {KEY}}}]}}]
             return {"amount": 1099, "currency": "USD", "country": "US", "merchant_order_id": f"o-{w}-{n}-{time.time_ns()}",
                     "payment_method": {"type": "card", "card": card}}
 
-        await load(f"http://127.0.0.1:{hop}/v1/payments", hop_body, args.concurrency, 1.0, {})  # warm-up
-        await load(f"http://127.0.0.1:{pr}/v1/payments", pr_body, args.concurrency, 1.0, {"Authorization": f"Bearer {KEY}"})
-        n_hop, lat_hop, e_hop = await load(f"http://127.0.0.1:{hop}/v1/payments", hop_body, args.concurrency, args.duration, {})
-        n_pr, lat_pr, e_pr = await load(f"http://127.0.0.1:{pr}/v1/payments", pr_body, args.concurrency, args.duration,
+        await load(svc.hop_url, hop_body, args.concurrency, 1.0, {})  # warm-up
+        await load(svc.pr_url, pr_body, args.concurrency, 1.0, {"Authorization": f"Bearer {KEY}"})
+        n_hop, lat_hop, e_hop = await load(svc.hop_url, hop_body, args.concurrency, args.duration, {})
+        n_pr, lat_pr, e_pr = await load(svc.pr_url, pr_body, args.concurrency, args.duration,
                                         {"Authorization": f"Bearer {KEY}"})
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
+        stop_services(svc)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"closed loop, {args.concurrency} clients, {args.duration:.0f} s each, load generator in-process (Python)")
     print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")

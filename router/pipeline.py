@@ -16,9 +16,12 @@ Captures, voids and refunds follow the state machine in `router.model`; an illeg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -76,9 +79,38 @@ log = logging.getLogger("payroute.pipeline")
 _FINAL_FOR_METRICS = {Status.CAPTURED, Status.AUTHORIZED, Status.DECLINED, Status.FAILED, Status.PENDING, Status.REQUIRES_ACTION}
 
 
+class _RandomHex:
+    """10 random bytes (hex) at a time, from os.urandom read 4 KiB at once: the same kernel CSPRNG as
+    `secrets.token_hex`, but one getrandom() per ~400 ids instead of one per id. Each getrandom() releases
+    and re-takes the GIL, which under load means waiting for the SQLite writer thread. Thread-safe
+    (a lock around the slice) and fork-safe (a child never reuses its parent's buffer)."""
+
+    _CHUNK = 4000  # a multiple of 10
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+
+    def reset(self) -> None:
+        self._buf, self._pos = b"", 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._pos >= len(self._buf):
+                self._buf, self._pos = secrets.token_bytes(self._CHUNK), 0
+            pos = self._pos
+            self._pos = pos + 10
+            return self._buf[pos:pos + 10].hex()
+
+
+_random_hex = _RandomHex()
+os.register_at_fork(after_in_child=_random_hex.reset)
+
+
 def new_id(prefix: str) -> str:
     # time-ordered (ms) then random: ids sort by creation, and collide with probability ~2^-80
-    return f"{prefix}_{int(time.time() * 1000):011x}{secrets.token_hex(10)}"
+    return f"{prefix}_{int(time.time() * 1000):011x}{_random_hex()}"
 
 
 def channel_key(payment_id: str, attempt: int) -> str:
@@ -105,11 +137,31 @@ def payment_json(p: Payment) -> dict[str, object]:
     return doc
 
 
+# The public JSON of the last payments serialized, by object identity: a payment's outbox event and
+# its HTTP response carry the same document, so it is built and encoded once. A `Payment` is immutable
+# (frozen struct) and the entry holds a reference to it, so an id can never be reused while cached.
+_BODY_CACHE: dict[int, tuple[Payment, bytes]] = {}
+_BODY_CACHE_MAX = 512  # only needs to outlive event -> commit -> response of the payments in flight
+
+
+def payment_body(p: Payment) -> bytes:
+    """`payment_json(p)` encoded (orjson), built once per payment object."""
+    hit = _BODY_CACHE.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    body = orjson.dumps(payment_json(p))
+    if len(_BODY_CACHE) >= _BODY_CACHE_MAX:
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread evicted it first
+            del _BODY_CACHE[next(iter(_BODY_CACHE))]  # oldest first (dicts keep insertion order)
+    _BODY_CACHE[id(p)] = (p, body)
+    return body
+
+
 def event_for(p: Payment, kind: str | None = None) -> OutboxEvent:
     etype = f"payment.{kind or p.status.value}"
     eid = new_id("evt")
     payload = orjson.dumps(
-        {"id": eid, "type": etype, "created_at": utcnow().isoformat(), "data": payment_json(p)}
+        {"id": eid, "type": etype, "created_at": utcnow().isoformat(), "data": orjson.Fragment(payment_body(p))}
     )
     return OutboxEvent(id=eid, merchant_id=p.merchant_id, payment_id=p.id, type=etype, payload=payload)
 
@@ -393,9 +445,9 @@ class Pipeline:
         except OutcomeUnknown as e:
             outcome, code = Outcome.UNKNOWN, e.code
         latency = self._clock() - t0
-        self.metrics.attempts.labels(ch.name, outcome.value).inc()
+        self.metrics.child(self.metrics.attempts, ch.name, outcome.value).inc()
         if outcome is not Outcome.SKIPPED:
-            self.metrics.attempt_latency.labels(ch.name).observe(latency)
+            self.metrics.child(self.metrics.attempt_latency, ch.name).observe(latency)
         if outcome is Outcome.UNKNOWN:
             log.warning("channel outcome unknown; payment goes pending", extra={"payment_id": payment.id, "channel": ch.name, "code": code})
         attempt = Attempt(
@@ -448,7 +500,7 @@ class Pipeline:
 
     def _count(self, p: Payment) -> Payment:
         if p.status in _FINAL_FOR_METRICS:
-            self.metrics.payments.labels(p.channel or "none", p.status.value).inc()
+            self.metrics.child(self.metrics.payments, p.channel or "none", p.status.value).inc()
         return p
 
     # ------------------------------------------------------------------ reads

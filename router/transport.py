@@ -120,6 +120,17 @@ async def with_retries(
 ) -> T:
     """Call `call`, retrying only ChannelUnavailable, within tries, deadline and budget."""
     budget.on_request()
+    # fast path: the first try runs bare (no tenacity machinery per request); only a ChannelUnavailable
+    # enters tenacity, which sees that failure as its attempt 1, so the retry policy is unchanged
+    try:
+        return await call()
+    except ChannelUnavailable as e:
+        first: list[ChannelUnavailable] = [e]
+
+    async def replay_then_call() -> T:
+        if first:
+            raise first.pop()
+        return await call()
 
     def may_retry(state: tenacity.RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
@@ -139,4 +150,4 @@ async def with_retries(
         sleep=sleep,
         reraise=True,
     )
-    return await retrying(call)
+    return await retrying(replay_then_call)

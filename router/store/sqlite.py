@@ -112,7 +112,10 @@ def _ts(dt: datetime) -> str:
     # Fixed width (always microseconds, always Z) so that text comparison is time comparison.
     if dt.tzinfo is None:
         raise ValueError(f"naive datetime {dt!r}: the store only takes aware UTC datetimes")
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    u = dt.astimezone(UTC)
+    if u.year >= 1000:  # the common case, ~3x cheaper than strftime; same text (isoformat pads 4-digit years)
+        return u.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return u.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _split_statements(script: str) -> list[str]:
@@ -375,10 +378,15 @@ class SqliteStore:
                 raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
         elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
             raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
-        conn.executemany(_UPSERT_ATTEMPT, write.attempts)
-        conn.executemany(_UPSERT_OPERATION, write.operations)
-        conn.executemany(_INSERT_OUTBOX, write.outbox)
-        conn.executemany(_INSERT_LEDGER, write.ledger)
+        # skip the empty ones: each executemany costs a statement-cache lookup and a reset under the GIL
+        if write.attempts:
+            conn.executemany(_UPSERT_ATTEMPT, write.attempts)
+        if write.operations:
+            conn.executemany(_UPSERT_OPERATION, write.operations)
+        if write.outbox:
+            conn.executemany(_INSERT_OUTBOX, write.outbox)
+        if write.ledger:
+            conn.executemany(_INSERT_LEDGER, write.ledger)
 
     # ------------------------------------------------------------------ reads
 
