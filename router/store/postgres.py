@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 import msgspec
 
 from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
-from router.store.schema import Migration
+from router.store.schema import ChildRows, Migration, child_rows
 from router.store.schema import load_migrations as _load_migrations
 
 __all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
@@ -631,37 +631,11 @@ async def _pg_claim(
 
 
 
-class _Children(NamedTuple):
-    attempts: list[tuple[object, ...]]
-    operations: list[tuple[object, ...]]
-    outbox: list[tuple[object, ...]]
-    ledger: list[tuple[object, ...]]
+def _children(payment: Payment, events: Sequence[OutboxEvent], ledger: Sequence[LedgerEntry] = ()) -> ChildRows:
+    return child_rows(payment, events, ledger, _ts)
 
 
-def _children(payment: Payment, events: Sequence[OutboxEvent], ledger: Sequence[LedgerEntry] = ()) -> _Children:
-    return _Children(
-        attempts=[
-            (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
-             a.channel_reference, _ts(a.started_at))
-            for a in payment.attempts
-        ],
-        operations=[
-            (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, _ts(o.created_at))
-            for o in payment.operations
-        ],
-        outbox=[
-            (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
-            for e in events
-        ],
-        ledger=[
-            (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind,
-             _ts(e.created_at))
-            for e in ledger
-        ],
-    )  # fmt: skip
-
-
-async def _write_children(conn: Any, children: _Children) -> None:
+async def _write_children(conn: Any, children: ChildRows) -> None:
     for sql, rows in (
         (_UPSERT_ATTEMPT, children.attempts),
         (_UPSERT_OPERATION, children.operations),

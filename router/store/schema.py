@@ -1,13 +1,54 @@
-"""Versioned schema migrations shipped as numbered SQL files, shared by every store.
+"""What every store shares about the schema: versioned migrations and the child rows of a payment write.
 
 `load_migrations(package, dialect)` reads `<package>/migrations/<dialect>/NNNN_name.sql` in order and
-refuses gaps, so a release can never skip or reorder a step.
+refuses gaps, so a release can never skip or reorder a step. `child_rows` builds the attempt,
+operation, outbox and ledger rows written with a payment, in the column order both dialects use;
+only the timestamp representation differs, so the dialect passes its converter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from importlib import resources
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+from router.model import OutboxEvent, Payment
+
+if TYPE_CHECKING:
+    from router.money.ledger import LedgerEntry
+
+Row = tuple[object, ...]
+
+
+class ChildRows(NamedTuple):
+    attempts: list[Row]
+    operations: list[Row]
+    outbox: list[Row]
+    ledger: list[Row]
+
+
+def child_rows(
+    payment: Payment, events: Sequence[OutboxEvent], ledger: Sequence[LedgerEntry], ts: Callable[[datetime], object]
+) -> ChildRows:
+    """Built on the caller, before any I/O: a bad value (a naive datetime) fails this write only."""
+    return ChildRows(
+        attempts=[
+            (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
+             a.channel_reference, ts(a.started_at))
+            for a in payment.attempts
+        ],
+        operations=[
+            (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, ts(o.created_at))
+            for o in payment.operations
+        ],
+        outbox=[(e.id, e.merchant_id, e.payment_id, e.type, e.payload, ts(e.created_at), ts(e.created_at))
+                for e in events],
+        ledger=[
+            (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind, ts(e.created_at))
+            for e in ledger
+        ],
+    )  # fmt: skip
 
 
 class Migration(NamedTuple):

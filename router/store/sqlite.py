@@ -47,7 +47,7 @@ from router.store.base import (
     manual_endpoint_state,
     next_order_attempt,
 )
-from router.store.schema import Migration
+from router.store.schema import Migration, child_rows
 from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
@@ -279,28 +279,15 @@ class SqliteStore:
             raise RuntimeError(f"SqliteStore is {self._state} (or its writer thread died)")
         # Rows are built here, on the caller, so a bad value (naive datetime) fails this write only.
         loop = asyncio.get_running_loop()
+        children = child_rows(payment, events, ledger, _ts)
         write = _Write(
             payment_row=row,
             key=(payment.id, payment.merchant_id, payment.merchant_order_id),
             expected_version=expected_version,
-            attempts=[
-                (payment.id, a.seq, a.channel, a.outcome.value, a.code, a.latency_ms, a.channel_key,
-                 a.channel_reference, _ts(a.started_at))
-                for a in payment.attempts
-            ],
-            operations=[
-                (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, _ts(o.created_at))
-                for o in payment.operations
-            ],
-            outbox=[
-                (e.id, e.merchant_id, e.payment_id, e.type, e.payload, _ts(e.created_at), _ts(e.created_at))
-                for e in events
-            ],
-            ledger=[
-                (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind,
-                 _ts(e.created_at))
-                for e in ledger
-            ],
+            attempts=children.attempts,
+            operations=children.operations,
+            outbox=children.outbox,
+            ledger=children.ledger,
             loop=loop,
             future=loop.create_future(),
             retry_failed_order=retry_failed_order,
