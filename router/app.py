@@ -40,6 +40,7 @@ from router.errors import (
 from router.faults import crash_point
 from router.governance.service import GovernanceService
 from router.idempotency import IdempotencyStore, MemoryIdempotencyStore, StoredResponse
+from router.idempotency_sqlite import SqliteIdempotencyStore
 from router.janitor import Janitor
 from router.locks import MemoryOrderLocks, OrderLocks, coordination_errors
 from router.logs import request_id
@@ -417,10 +418,15 @@ def build_store(cfg: Config) -> PaymentStore:
 
 
 class Coordination:
-    """Idempotency records, order locks and the fingerprint window: in process, or in Redis (scale-out)."""
+    """Idempotency records, order locks and the fingerprint window: in process, or in Redis (scale-out).
 
-    def __init__(self, cfg: Config) -> None:
+    Embedded mode keeps finished idempotency records in a SQLite file beside the payments database
+    (in-flight claims stay in process), so memory stays flat however many keys a day brings; with a
+    store that is not SQLite (tests) they stay in process."""
+
+    def __init__(self, cfg: Config, store: PaymentStore | None = None) -> None:
         self.redis: Redis | None = None
+        self.on_disk: SqliteIdempotencyStore | None = None
         if cfg.storage.mode == "scaleout":
             from router.duplicates import RedisFingerprintWindow
             from router.idempotency_redis import RedisIdempotencyStore, make_redis
@@ -432,7 +438,15 @@ class Coordination:
             self.locks: OrderLocks = RedisOrderLocks(self.redis)
             self.window: FingerprintWindow = RedisFingerprintWindow(self.redis)
         else:
-            self.idempotency = MemoryIdempotencyStore(ttl_s=cfg.duplicates.idempotency_ttl_s)
+            from router.store.sqlite import SqliteStore
+
+            if isinstance(store, SqliteStore):
+                from router.idempotency_sqlite import sidecar_path
+
+                self.on_disk = SqliteIdempotencyStore(sidecar_path(store.path), ttl_s=cfg.duplicates.idempotency_ttl_s)
+                self.idempotency = self.on_disk
+            else:
+                self.idempotency = MemoryIdempotencyStore(ttl_s=cfg.duplicates.idempotency_ttl_s)
             self.locks = MemoryOrderLocks()
             self.window = MemoryFingerprintWindow()
 
@@ -441,7 +455,13 @@ class Coordination:
             with coordination_errors("ping"):
                 await self.redis.ping()
 
+    async def start(self) -> None:
+        if self.on_disk is not None:
+            await self.on_disk.start()
+
     async def close(self) -> None:
+        if self.on_disk is not None:
+            await self.on_disk.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -600,7 +620,7 @@ def create_app(
     app[RUNTIME] = RuntimeHolder(Runtime(cfg, on_breaker), on_breaker)
     the_store = store or build_store(cfg)
     app[STORE] = the_store
-    coordination = Coordination(cfg)
+    coordination = Coordination(cfg, the_store)
     app[COORDINATION] = coordination
     app[IDEMPOTENCY] = coordination.idempotency
     app[PIPELINE] = Pipeline(lambda: app[RUNTIME].current, the_store, m, locks=coordination.locks,
@@ -619,6 +639,7 @@ def create_app(
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await the_store.start()
+        await coordination.start()
         yield
         await the_store.close()
         await coordination.close()

@@ -1,4 +1,5 @@
-"""One contract suite over every IdempotencyStore (in-process and Redis), then what only Redis has."""
+"""One contract suite over every IdempotencyStore (in-process, embedded SQLite and Redis), then what only
+SQLite and only Redis have."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -13,6 +15,7 @@ from redis.asyncio import Redis
 from router.errors import ProblemError
 from router.idempotency import Claim, IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.idempotency_redis import RedisIdempotencyStore, make_redis
+from router.idempotency_sqlite import SqliteIdempotencyStore, sidecar_path
 from router.locks import CoordinationUnavailable
 from tests.services import free_port
 
@@ -38,8 +41,29 @@ class Harness:
     wait_past: Callable[[float], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def harness(request: pytest.FixtureRequest) -> Harness:
+@pytest.fixture
+async def sqlite_stores() -> AsyncIterator[list[SqliteIdempotencyStore]]:
+    made: list[SqliteIdempotencyStore] = []
+    yield made
+    for st in made:
+        await st.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path, sqlite_stores: list[SqliteIdempotencyStore]) -> Harness:
+    if request.param == "sqlite":
+        sclock = FakeClock()
+        made = sqlite_stores
+
+        def make_sqlite(ttl_s: float = 3600, in_flight_ttl_s: float = 120) -> IdempotencyStore:
+            made.append(SqliteIdempotencyStore(tmp_path / "idem.db", ttl_s=ttl_s, clock=sclock,
+                                               in_flight_ttl_s=in_flight_ttl_s))
+            return made[-1]
+
+        async def advance_sqlite(seconds: float) -> None:
+            sclock.now += seconds + 0.001
+
+        return Harness("sqlite", make_sqlite, advance_sqlite)
     if request.param == "memory":
         clock = FakeClock()
 
@@ -172,6 +196,92 @@ async def test_a_crashed_claim_expires_after_the_in_flight_ttl(harness: Harness)
     await store.claim("alpha", "k1", "fp1")  # ... and the claimer dies without complete/release
     await harness.wait_past(0.3)
     assert await store.claim("alpha", "k1", "fp1") == Claim(replay=None)
+
+
+# ------------------------------------------------------------------ embedded SQLite only
+
+
+def test_the_records_file_sits_next_to_the_payments_database() -> None:
+    assert sidecar_path(Path("/var/lib/payroute/payroute.db")) == Path("/var/lib/payroute/payroute-idempotency.db")
+    assert sidecar_path(Path("data/pay")) == Path("data/pay-idempotency.db")
+
+
+async def test_sqlite_records_survive_a_restart(tmp_path: Path) -> None:
+    first = SqliteIdempotencyStore(tmp_path / "idem.db")
+    await first.claim("alpha", "k1", "fp1")
+    await first.complete("alpha", "k1", StoredResponse(502, BINARY_BODY, "application/problem+json"))
+    await first.close()
+    second = SqliteIdempotencyStore(tmp_path / "idem.db")
+    try:
+        replay = (await second.claim("alpha", "k1", "fp1")).replay
+        assert replay == StoredResponse(502, BINARY_BODY, "application/problem+json")
+        assert (await problem(second.claim("alpha", "k1", "fp2"))).code == "idempotency_key_reused"
+    finally:
+        await second.close()
+
+
+async def test_sqlite_keeps_finished_records_out_of_memory(tmp_path: Path) -> None:
+    store = SqliteIdempotencyStore(tmp_path / "idem.db")
+    try:
+        for i in range(3000):
+            await store.claim("alpha", f"k{i}", "fp")
+            await store.complete("alpha", f"k{i}", RESPONSE)
+        for _ in range(200):  # the writer commits in batches, then the loop drops its copies
+            if len(store) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(store) == 0
+        assert (await store.claim("alpha", "k2999", "fp")).replay == RESPONSE
+        assert (await store.claim("alpha", "k0", "fp")).replay == RESPONSE
+    finally:
+        await store.close()
+
+
+async def test_sqlite_replays_a_response_whose_batch_has_not_committed(tmp_path: Path) -> None:
+    store = SqliteIdempotencyStore(tmp_path / "idem.db")
+    await store.start()
+    gate = __import__("threading").Event()
+    real_write = store._write
+
+    def slow_write(conn: object, rows: list, reaps: list) -> None:  # type: ignore[type-arg]
+        gate.wait(10)
+        real_write(conn, rows, reaps)  # type: ignore[arg-type]
+
+    store._write = slow_write  # type: ignore[method-assign]
+    try:
+        await store.claim("alpha", "k1", "fp1")
+        await store.complete("alpha", "k1", RESPONSE)
+        assert (await store.claim("alpha", "k1", "fp1")).replay == RESPONSE
+        assert (await problem(store.claim("alpha", "k1", "fp2"))).code == "idempotency_key_reused"
+    finally:
+        gate.set()
+        await store.close()
+    reopened = SqliteIdempotencyStore(tmp_path / "idem.db")
+    try:
+        assert (await reopened.claim("alpha", "k1", "fp1")).replay == RESPONSE  # committed on close
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_reaps_expired_records_from_the_file(tmp_path: Path) -> None:
+    import sqlite3
+
+    clock = FakeClock()
+    store = SqliteIdempotencyStore(tmp_path / "idem.db", ttl_s=3600, clock=clock, reap_every_s=60)
+    try:
+        for i in range(50):
+            await store.claim("alpha", f"old{i}", "fp")
+            await store.complete("alpha", f"old{i}", RESPONSE)
+        clock.now += 1800
+        await store.claim("alpha", "young", "fp")
+        await store.complete("alpha", "young", RESPONSE)
+        clock.now += 1801  # the old ones are past their TTL, the young one is not
+        await store.claim("alpha", "trigger", "fp")  # a claim starts the reaper
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "idem.db") as conn:
+        keys = {k for (k,) in conn.execute("SELECT key FROM idempotency_records")}
+    assert keys == {"young"}
 
 
 # ------------------------------------------------------------------ Redis only

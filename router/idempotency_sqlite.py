@@ -1,0 +1,276 @@
+"""Idempotency records of the embedded mode, on disk: memory stays flat however many keys a day brings.
+
+The semantics are those of `router.idempotency` (Stripe's). What lives where:
+- in-flight claims stay in process (a dict bounded by the requests running now); an unfinished claim
+  lapses after `in_flight_ttl_s`, like the other stores;
+- finished responses go to a SQLite file of their own (`<payments db stem>-idempotency.db`), written by
+  one thread in batches (one transaction for everything queued meanwhile) and read through one reader
+  thread, so the event loop never touches the disk. Until its batch has committed a response is also
+  kept in process, so a replay never misses it;
+- expired records are deleted in the background (at most once a minute, in bounded chunks).
+
+The file uses WAL with `synchronous=NORMAL`: a record survives `kill -9` of payroute; a power cut can
+lose the last records of the second before it. That is safe for money: the payment itself is in the
+durable record (`synchronous=FULL`), and a retry whose record was lost meets the unique
+`(merchant, merchant_order_id)` there and gets `409 duplicate_order` naming the payment, never a second
+charge (the same as Redis losing its keys in scale-out mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from router.idempotency import Claim, StoredResponse, key_in_use, key_reused
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_records (
+    merchant_id  TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL,
+    status       INTEGER NOT NULL,
+    body         BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    expires_at   REAL NOT NULL,
+    PRIMARY KEY (merchant_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_records_expiry ON idempotency_records (expires_at);
+"""
+# a second complete never replaces the first; an expired row is replaced by the new record
+_UPSERT = (
+    "INSERT INTO idempotency_records VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (merchant_id, key) DO UPDATE SET fingerprint = excluded.fingerprint, status = excluded.status, "
+    "body = excluded.body, content_type = excluded.content_type, expires_at = excluded.expires_at "
+    "WHERE idempotency_records.expires_at <= excluded.expires_at - ?"
+)
+_LOOKUP = (
+    "SELECT fingerprint, status, body, content_type, expires_at FROM idempotency_records "
+    "WHERE merchant_id = ? AND key = ? AND expires_at > ?"
+)
+_REAP = (
+    "DELETE FROM idempotency_records WHERE (merchant_id, key) IN "
+    "(SELECT merchant_id, key FROM idempotency_records WHERE expires_at <= ? LIMIT ?)"
+)
+_REAP_CHUNK = 10_000
+_STOP = object()
+_Row = tuple[str, str, str, int, bytes, str, float, float]
+
+
+def sidecar_path(payments_db: Path) -> Path:
+    """Where the embedded idempotency records live, next to the payments database."""
+    return payments_db.with_name(f"{payments_db.stem}-idempotency{payments_db.suffix or '.db'}")
+
+
+class _InFlight:
+    __slots__ = ("fingerprint", "expires_at")
+
+    def __init__(self, fingerprint: str, expires_at: float) -> None:
+        self.fingerprint = fingerprint
+        self.expires_at = expires_at
+
+
+class SqliteIdempotencyStore:
+    """Finished responses in a SQLite file; in-flight claims in process. Call `start()` before use."""
+
+    def __init__(
+        self, path: Path, ttl_s: float = 24 * 3600, clock: Callable[[], float] = time.time,
+        in_flight_ttl_s: float = 120, reap_every_s: float = 60,
+    ) -> None:
+        self.path = path
+        self._ttl = ttl_s
+        self._in_flight_ttl = in_flight_ttl_s
+        self._clock = clock
+        self._reap_every = reap_every_s
+        self._next_reap = 0.0
+        self._in_flight: dict[tuple[str, str], _InFlight] = {}
+        # finished but not yet committed: (fingerprint, response, expires_at)
+        self._unflushed: dict[tuple[str, str], tuple[str, StoredResponse, float]] = {}
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self.write_errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the file (created with its table if new) and start the threads; `claim` calls it if needed."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        conn = await asyncio.to_thread(self._open)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="payroute-idempotency-read")
+        writer = threading.Thread(target=self._writer_main, args=(conn,), name="payroute-idempotency-write", daemon=True)
+        writer.start()
+        self._writer = writer
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the threads."""
+        if self._writer is None:
+            return
+        self._queue.put(_STOP)
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        self._starting = None
+        await asyncio.to_thread(writer.join)
+        if reader is not None:
+            await asyncio.to_thread(reader.shutdown, True)
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"{self.path}: cannot enable WAL (journal_mode is {mode})")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # ------------------------------------------------------------------ the store
+
+    async def claim(self, merchant_id: str, key: str, fingerprint: str) -> Claim:
+        now = self._clock()
+        self._maybe_reap(now)
+        k = (merchant_id, key)
+        self._check_in_flight(k, fingerprint, now)
+        done = self._unflushed.get(k)
+        if done is None:
+            if self._writer is None:
+                await self.start()
+                self._check_in_flight(k, fingerprint, now)
+            assert self._reader is not None
+            loop = asyncio.get_running_loop()
+            row = await loop.run_in_executor(self._reader, self._lookup, merchant_id, key, now)
+            # the loop ran meanwhile: another request may have claimed or finished this key
+            self._check_in_flight(k, fingerprint, now)
+            done = self._unflushed.get(k) or row
+        if done is not None and done[2] > now:
+            if done[0] != fingerprint:
+                raise key_reused()
+            return Claim(replay=done[1])
+        self._in_flight[k] = _InFlight(fingerprint, now + self._in_flight_ttl)
+        return Claim()
+
+    def _check_in_flight(self, k: tuple[str, str], fingerprint: str, now: float) -> None:
+        rec = self._in_flight.get(k)
+        if rec is None:
+            return
+        if rec.expires_at <= now:  # its request died without complete or release
+            del self._in_flight[k]
+            return
+        if rec.fingerprint != fingerprint:
+            raise key_reused()
+        raise key_in_use()
+
+    async def complete(self, merchant_id: str, key: str, response: StoredResponse) -> None:
+        k = (merchant_id, key)
+        rec = self._in_flight.pop(k, None)
+        if rec is None:  # no claim (or it lapsed and was given to another request): keep nothing
+            return
+        expires_at = self._clock() + self._ttl
+        self._unflushed[k] = (rec.fingerprint, response, expires_at)
+        self._queue.put((merchant_id, key, rec.fingerprint, response.status, response.body, response.content_type,
+                         expires_at, self._ttl))
+
+    async def release(self, merchant_id: str, key: str) -> None:
+        self._in_flight.pop((merchant_id, key), None)
+
+    def __len__(self) -> int:
+        """Records in process (in flight and not yet committed): what memory holds, not what disk holds."""
+        return len(self._in_flight) + len(self._unflushed)
+
+    # ------------------------------------------------------------------ threads
+
+    def _lookup(self, merchant_id: str, key: str, now: float) -> tuple[str, StoredResponse, float] | None:
+        if self._reader_conn is None:
+            self._reader_conn = self._connect()
+            self._reader_conn.execute("PRAGMA query_only = ON")
+        row = self._reader_conn.execute(_LOOKUP, (merchant_id, key, now)).fetchone()
+        if row is None:
+            return None
+        return row[0], StoredResponse(int(row[1]), bytes(row[2]), row[3]), float(row[4])
+
+    def _maybe_reap(self, now: float) -> None:
+        if now < self._next_reap:
+            return
+        self._next_reap = now + self._reap_every
+        self._in_flight = {k: r for k, r in self._in_flight.items() if r.expires_at > now}
+        self._queue.put(("reap", now))
+
+    def _writer_main(self, conn: sqlite3.Connection) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                rows: list[_Row] = []
+                reaps: list[float] = []
+                item = self._queue.get()
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if isinstance(item, tuple) and item[0] == "reap":
+                        reaps.append(item[1])
+                    else:
+                        rows.append(item)  # type: ignore[arg-type]
+                    if len(rows) >= 1024:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                self._write(conn, rows, reaps)
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, rows: list[_Row], reaps: list[float]) -> None:
+        try:
+            if rows:
+                with conn:
+                    conn.execute("BEGIN")
+                    conn.executemany(_UPSERT, rows)
+            for now in reaps[-1:]:
+                while True:
+                    with conn:
+                        conn.execute("BEGIN")
+                        deleted = conn.execute(_REAP, (now, _REAP_CHUNK)).rowcount
+                    if deleted < _REAP_CHUNK:
+                        break
+        except sqlite3.Error:
+            # not fatal: the records stay in process until a later batch commits them
+            self.write_errors += 1
+            if rows:
+                for r in rows:
+                    self._queue.put(r)
+                time.sleep(0.1)
+            return
+        if rows and self._loop is not None:
+            keys = [(r[0], r[1]) for r in rows]
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody needs the cache any more
+                self._loop.call_soon_threadsafe(self._flushed, keys)
+
+    def _flushed(self, keys: list[tuple[str, str]]) -> None:
+        for k in keys:
+            self._unflushed.pop(k, None)
