@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from router.errors import ProblemError
 from router.idempotency import Claim, IdempotencyStore, MemoryIdempotencyStore, StoredResponse
 from router.idempotency_redis import RedisIdempotencyStore, make_redis
-from router.idempotency_sqlite import SqliteIdempotencyStore, sidecar_path
+from router.idempotency_sqlite import KeyFilter, SqliteIdempotencyStore, sidecar_path
 from router.locks import CoordinationUnavailable
 from tests.services import free_port
 
@@ -45,8 +47,8 @@ class Harness:
 async def sqlite_stores() -> AsyncIterator[list[SqliteIdempotencyStore]]:
     made: list[SqliteIdempotencyStore] = []
     yield made
-    for st in made:
-        await st.close()
+    for store in made:
+        await store.close()
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -204,6 +206,36 @@ async def test_a_crashed_claim_expires_after_the_in_flight_ttl(harness: Harness)
 def test_the_records_file_sits_next_to_the_payments_database() -> None:
     assert sidecar_path(Path("/var/lib/payroute/payroute.db")) == Path("/var/lib/payroute/payroute-idempotency.db")
     assert sidecar_path(Path("data/pay")) == Path("data/pay-idempotency.db")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=8), st.text(min_size=1, max_size=40)), max_size=300))
+def test_key_filter_never_forgets_a_key_it_was_given(keys: list[tuple[str, str]]) -> None:
+    f = KeyFilter(ttl_s=3600, capacity=50)  # small generations: many of them
+    for i, (m, k) in enumerate(keys):
+        f.add(m, k, now=1000.0 + i)
+    f.expire(now=1000.0 + len(keys))
+    assert all(f.may_contain(m, k) for m, k in keys)
+
+
+def test_key_filter_false_positives_stay_near_one_percent() -> None:
+    f = KeyFilter(ttl_s=3600, capacity=20_000)
+    for i in range(20_000):
+        f.add("alpha", f"in-{i}", now=1000.0)
+    false_positives = sum(f.may_contain("alpha", f"out-{i}") for i in range(20_000))
+    assert false_positives < 20_000 * 0.02
+
+
+def test_key_filter_drops_a_generation_once_its_keys_expired() -> None:
+    f = KeyFilter(ttl_s=100, capacity=10)
+    for i in range(10):
+        f.add("alpha", f"old-{i}", now=0.0)
+    f.add("alpha", "new", now=60.0)  # the first generation is full: a second one opens
+    assert f.generations == 2
+    f.expire(now=100.5)  # the old keys' TTL has passed, not the new one's
+    assert f.generations == 1
+    assert f.may_contain("alpha", "new")
+    assert not any(f.may_contain("alpha", f"old-{i}") for i in range(10))
 
 
 async def test_sqlite_records_survive_a_restart(tmp_path: Path) -> None:
