@@ -8,7 +8,7 @@ it delays (no coordinated omission). The bare hop and payroute are measured one 
 after a warm-up. Prints p50/p99/p99.9 of both, the difference (what payroute adds) against the target
 (added <= 1 ms p50, <= 5 ms p99; printed, never asserted), and the achieved rate: if the generator
 itself falls behind, the figures are flagged as not trustworthy.
-Run: .venv/bin/python bench/latency_open_loop.py [-r 1000] [-d 20]
+Run: .venv/bin/python bench/latency_open_loop.py [-r 1000] [-d 20] [--mode embedded|scaleout] [--instances N]
 """
 
 from __future__ import annotations
@@ -74,8 +74,13 @@ async def main() -> None:
     ap.add_argument("-r", "--rate", type=float, default=1000.0, help="requests per second")
     ap.add_argument("-d", "--duration", type=float, default=20.0, help="seconds measured, per target")
     ap.add_argument("-w", "--warmup", type=float, default=3.0)
+    ap.add_argument("--mode", choices=["embedded", "scaleout"], default="embedded",
+                    help="scaleout: Redis + PostgreSQL (see bench/pipeline_throughput.py)")
+    ap.add_argument("--instances", type=int, default=1, help="payroute (and bare-hop) processes sharing the port")
     args = ap.parse_args()
-    svc = await start_services()
+    if args.instances > 1 and args.mode != "scaleout":
+        ap.error("--instances > 1 needs --mode scaleout (embedded mode is one process)")
+    svc = await start_services(mode=args.mode, instances=args.instances)
     card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 
     def hop_body(i: int) -> dict[str, object]:
@@ -95,7 +100,9 @@ async def main() -> None:
         stop_services(svc)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; open loop "
           f"{args.rate:.0f} req/s for {args.duration:.0f} s each, latency from the intended send time "
-          f"(no coordinated omission), load generator in-process (Python), embedded mode (SQLite, synchronous=FULL)")
+          f"(no coordinated omission), load generator in-process (Python), {args.mode} mode "
+          f"({'SQLite, synchronous=FULL' if args.mode == 'embedded' else 'Redis + PostgreSQL'}), "
+          f"{args.instances} process(es) each")
     print(f"{'':28} {'sent/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max lag ms':>10} {'errors':>7}")
     for name, (lat, err, lag, achieved) in (("bare aiohttp hop (baseline)", hop), ("payroute full pipeline", pr)):
         print(f"{name:28} {achieved:8.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {pct(lat, 0.999):9.2f} "

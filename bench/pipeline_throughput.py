@@ -1,8 +1,17 @@
 """Throughput of payroute's full pipeline vs a bare aiohttp pass-through hop, measured in one run.
 
-Both forward to the same zero-latency sandbox channel (its own process). The load generator is a
-closed loop of aiohttp clients in this process (C concurrent, D seconds each). Prints requests/s and
-p50/p99 latency for both, and the ratio. Run: .venv/bin/python bench/pipeline_throughput.py [-c 32] [-d 10]
+Both forward to the same zero-latency sandbox channel (its own process). The load generator is `wrk`
+(Debian package `wrk`; a C program in its own process, C connections for D seconds, every request a new
+Idempotency-Key and order id: bench/wrk_payments.lua) or, without wrk, a closed loop of aiohttp clients
+in this process (`--generator python`, which costs the machine more CPU than the hop it measures).
+Prints requests/s and p50/p99 latency for both, and the ratio.
+
+Modes: `embedded` (SQLite, one process) or `scaleout` (Redis + PostgreSQL: a private redis-server on a
+free port and a fresh PostgreSQL database that is dropped afterwards; `--instances N` runs N payroute
+processes sharing the port with SO_REUSEPORT, and N bare-hop processes likewise). Scale-out needs the
+test extras (it borrows tests/services.py) and `$PAYROUTE_TEST_PG` or PostgreSQL on 127.0.0.1:5432.
+
+Run: .venv/bin/python bench/pipeline_throughput.py [-c 32] [-d 10] [--mode embedded|scaleout] [--instances N]
 """
 
 from __future__ import annotations
@@ -11,12 +20,14 @@ import argparse
 import asyncio
 import os
 import platform
+import re
+import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +52,7 @@ async def hop(request):
 app = web.Application()
 app.cleanup_ctx.append(ctx)
 app.router.add_post("/v1/payments", hop)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, reuse_port=True)
 """
 
 
@@ -97,36 +108,63 @@ class Services:
     hop_url: str
     pr_url: str
     db: Path
+    payroute_pids: list[int]
+    cleanup: list[Callable[[], None]]
 
     @property
     def payroute_pid(self) -> int:
-        return self.procs[-1].pid
+        return self.payroute_pids[0]
 
 
-async def start_services(extra_config: str = "") -> Services:
-    """Sandbox channel, bare hop and payroute, each in its own process; returns once all listen."""
+def _scaleout_storage(cleanup: list[Callable[[], None]]) -> str:
+    """A private redis-server and a fresh PostgreSQL database (both removed by stop_services)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.services import create_database, drop_database, start_redis, stop
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("scaleout mode needs redis-server (Debian package redis-server)")
+    proc, port = start_redis(binary)
+    cleanup.append(lambda: stop(proc))
+    server = os.environ.get("PAYROUTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name, dsn = create_database(server)
+    cleanup.append(lambda: drop_database(server, name))
+    return f"storage: {{mode: scaleout, redis_url: 'redis://127.0.0.1:{port}/0', postgres_dsn: '{dsn}'}}\n"
+
+
+async def start_services(extra_config: str = "", mode: str = "embedded", instances: int = 1) -> Services:
+    """Sandbox channel, bare hop(s) and payroute instance(s), each in its own process; returns once all listen."""
     tmp = Path(tempfile.mkdtemp(prefix="payroute-bench-"))
     sbx, hop, pr = free_port(), free_port(), free_port()
-    (tmp / "cfg.yaml").write_text(f"""
+    svc = Services([], f"http://127.0.0.1:{hop}/v1/payments", f"http://127.0.0.1:{pr}/v1/payments", tmp / "bench.db",
+                   [], [])
+    try:
+        storage = (f"storage: {{mode: embedded, sqlite_path: {tmp / 'bench.db'}}}\n" if mode == "embedded"
+                   else _scaleout_storage(svc.cleanup))
+        (tmp / "cfg.yaml").write_text(f"""
 server: {{host: 127.0.0.1, port: {pr}, log_level: WARNING}}
-storage: {{mode: embedded, sqlite_path: {tmp / 'bench.db'}}}
-sandbox: [{{name: sbx, port: {sbx}}}]
+{storage}sandbox: [{{name: sbx, port: {sbx}}}]
 channels: [{{name: sbx, adapter: sandbox, base_url: "http://127.0.0.1:{sbx}", max_connections: 256}}]
 merchants: [{{id: bench, api_keys: [{{key: {KEY}}}]}}]
 """ + extra_config)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "router.cli", "sandbox", "--config", str(tmp / "cfg.yaml")], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-c", BARE_HOP, str(hop), f"http://127.0.0.1:{sbx}"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
-    # payroute without its own sandbox: the channel runs in the separate sandbox process above
-    (tmp / "pr.yaml").write_text((tmp / "cfg.yaml").read_text().replace(f"sandbox: [{{name: sbx, port: {sbx}}}]\n", ""))
-    procs.append(subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(tmp / "pr.yaml")], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    svc = Services(procs, f"http://127.0.0.1:{hop}/v1/payments", f"http://127.0.0.1:{pr}/v1/payments", tmp / "bench.db")
-    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+        def spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
+            svc.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            return svc.procs[-1]
+
+        spawn([sys.executable, "-m", "router.cli", "sandbox", "--config", str(tmp / "cfg.yaml")])
+        for _ in range(instances):
+            spawn([sys.executable, "-c", BARE_HOP, str(hop), f"http://127.0.0.1:{sbx}"])
+        # payroute without its own sandbox: the channel runs in the separate sandbox process above
+        (tmp / "pr.yaml").write_text((tmp / "cfg.yaml").read_text().replace(f"sandbox: [{{name: sbx, port: {sbx}}}]\n", ""))
+        serve = [sys.executable, "-m", "router.cli", "serve", "--config", str(tmp / "pr.yaml")]
+        if instances > 1:
+            serve.append("--reuse-port")
+        for i in range(instances):
+            svc.payroute_pids.append(spawn(serve).pid)
+            if i == 0:
+                await wait_port(pr)  # the first instance migrates the schema; the others start after it
         for port in (sbx, hop, pr):
             await wait_port(port)
     except BaseException:
@@ -140,39 +178,85 @@ def stop_services(svc: Services) -> None:
         p.terminate()
     for p in svc.procs:
         p.wait()
+    for undo in reversed(svc.cleanup):
+        undo()
+
+
+def run_wrk(url: str, mode: str, connections: int, seconds: float) -> tuple[float, float, float, int]:
+    """wrk in its own process: (requests/s, p50 ms, p99 ms, non-2xx responses + socket errors)."""
+    script = Path(__file__).resolve().parent / "wrk_payments.lua"
+    out = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:.0f}s", "--latency", "-s", str(script), url,
+         "--", mode, KEY, f"{time.time_ns()}"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            raise RuntimeError(f"wrk printed no {label}th percentile:\n{out}")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock is not None:
+        bad += sum(int(x) for x in sock.groups())
+    return float(rps.group(1)), ms("50"), ms("99"), bad
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-c", "--concurrency", type=int, default=32)
     ap.add_argument("-d", "--duration", type=float, default=10.0)
+    ap.add_argument("--generator", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
+                    help="load generator (default: wrk when installed)")
+    ap.add_argument("--mode", choices=["embedded", "scaleout"], default="embedded")
+    ap.add_argument("--instances", type=int, default=1, help="payroute (and bare-hop) processes sharing the port")
     args = ap.parse_args()
-    svc = await start_services()
+    if args.instances > 1 and args.mode != "scaleout":
+        ap.error("--instances > 1 needs --mode scaleout (embedded mode is one process)")
+    svc = await start_services(mode=args.mode, instances=args.instances)
+    rows: list[tuple[str, float, float, float, int]] = []
     try:
-        card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
+        if args.generator == "wrk":
+            run_wrk(svc.hop_url, "hop", args.concurrency, 2)  # warm-up
+            run_wrk(svc.pr_url, "payroute", args.concurrency, 2)
+            for name, url, mode in (("bare aiohttp hop (baseline)", svc.hop_url, "hop"),
+                                    ("payroute full pipeline", svc.pr_url, "payroute")):
+                rps, p50, p99, bad = run_wrk(url, mode, args.concurrency, args.duration)
+                rows.append((name, rps, p50, p99, bad))
+        else:
+            card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 
-        def hop_body(w: int, n: int) -> dict[str, object]:
-            return {"amount": 1099, "currency": "USD", "capture": True, "reference": f"r-{w}-{n}", "card": card}
+            def hop_body(w: int, n: int) -> dict[str, object]:
+                return {"amount": 1099, "currency": "USD", "capture": True, "reference": f"r-{w}-{n}", "card": card}
 
-        def pr_body(w: int, n: int) -> dict[str, object]:
-            return {"amount": 1099, "currency": "USD", "country": "US", "merchant_order_id": f"o-{w}-{n}-{time.time_ns()}",
-                    "payment_method": {"type": "card", "card": card}}
+            def pr_body(w: int, n: int) -> dict[str, object]:
+                return {"amount": 1099, "currency": "USD", "country": "US",
+                        "merchant_order_id": f"o-{w}-{n}-{time.time_ns()}", "payment_method": {"type": "card", "card": card}}
 
-        await load(svc.hop_url, hop_body, args.concurrency, 1.0, {})  # warm-up
-        await load(svc.pr_url, pr_body, args.concurrency, 1.0, {"Authorization": f"Bearer {KEY}"})
-        n_hop, lat_hop, e_hop = await load(svc.hop_url, hop_body, args.concurrency, args.duration, {})
-        n_pr, lat_pr, e_pr = await load(svc.pr_url, pr_body, args.concurrency, args.duration,
-                                        {"Authorization": f"Bearer {KEY}"})
+            auth = {"Authorization": f"Bearer {KEY}"}
+            await load(svc.hop_url, hop_body, args.concurrency, 1.0, {})  # warm-up
+            await load(svc.pr_url, pr_body, args.concurrency, 1.0, auth)
+            for name, url, body, hdrs in (("bare aiohttp hop (baseline)", svc.hop_url, hop_body, {}),
+                                          ("payroute full pipeline", svc.pr_url, pr_body, auth)):
+                n, lat, err = await load(url, body, args.concurrency, args.duration, hdrs)
+                rows.append((name, n / args.duration, pct(lat, 0.5), pct(lat, 0.99), err))
     finally:
         stop_services(svc)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"closed loop, {args.concurrency} clients, {args.duration:.0f} s each, load generator in-process (Python)")
+    storage = "SQLite" if args.mode == "embedded" else "Redis + PostgreSQL"
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; {args.mode} mode "
+          f"({storage}), {args.instances} process(es) each; closed loop, {args.concurrency} connections, "
+          f"{args.duration:.0f} s each; load generator: {args.generator}")
     print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for name, n, lat, err in (("bare aiohttp hop (baseline)", n_hop, lat_hop, e_hop),
-                              ("payroute full pipeline", n_pr, lat_pr, e_pr)):
-        print(f"{name:28} {n / args.duration:9.0f} {pct(lat, 0.5):8.2f} {pct(lat, 0.99):8.2f} {err:7d}")
-    print(f"ratio payroute / bare hop: {n_pr / max(n_hop, 1):.2f}x  (median latency added: "
-          f"{statistics.median(lat_pr) * 1000 - statistics.median(lat_hop) * 1000:.2f} ms)")
+    for name, rps, p50, p99, err in rows:
+        print(f"{name:28} {rps:9.0f} {p50:8.2f} {p99:8.2f} {err:7d}")
+    (_, hop_rps, hop_p50, _, _), (_, pr_rps, pr_p50, _, _) = rows
+    print(f"ratio payroute / bare hop: {pr_rps / max(hop_rps, 1):.2f}x (target >= 0.6x); "
+          f"median latency added: {pr_p50 - hop_p50:.2f} ms")
 
 
 if __name__ == "__main__":
