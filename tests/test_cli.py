@@ -43,3 +43,13 @@ def test_every_command_has_help() -> None:
     for cmd in (["serve"], ["sandbox"], ["config", "check"], ["route", "explain"]):
         out = run(*cmd, "--help")
         assert out.returncode == 0 and "usage: payroute" in out.stdout
+
+
+def test_reuse_port_is_refused_in_embedded_mode(tmp_path: Path) -> None:
+    cfg = tmp_path / "embedded.yaml"
+    cfg.write_text(f"storage: {{mode: embedded, sqlite_path: {tmp_path / 'p.db'}}}\n"
+                   "merchants: [{id: alpha, api_keys: [{key: sk_test_cli_key_0000000000001}]}]\n")
+    r = run("serve", "--config", str(cfg), "--reuse-port", "--port", "0")
+    assert r.returncode == 2
+    assert "--reuse-port needs storage.mode: scaleout" in r.stderr
+    assert not (tmp_path / "p.db").exists()  # refused before anything was opened

@@ -178,8 +178,10 @@ async def test_postgres_unreachable_fails_closed(sandbox, redis_url, tmp_path) -
     assert a.channel.charges == []
 
 
-async def test_two_payroute_processes_charge_once(fresh_postgres_dsn, redis_url, tmp_path) -> None:
-    """The same guarantee with two real processes sharing PostgreSQL and Redis."""
+@pytest.mark.parametrize("shared_port", [False, True], ids=["two_ports", "reuse_port"])
+async def test_two_payroute_processes_charge_once(fresh_postgres_dsn, redis_url, tmp_path, shared_port) -> None:
+    """The same guarantee with two real processes sharing PostgreSQL and Redis (on two ports, or on one
+    port with `serve --reuse-port`, the kernel spreading the connections)."""
     import os
     import subprocess
     import sys
@@ -187,6 +189,8 @@ async def test_two_payroute_processes_charge_once(fresh_postgres_dsn, redis_url,
     from tests.e2e.test_durability import ROOT, free_port, wait_ready
 
     sbx_port, p1, p2 = free_port(), free_port(), free_port()
+    if shared_port:
+        p2 = p1
     (tmp_path / "sbx.yaml").write_text(f"sandbox: [{{name: sbx, port: {sbx_port}, script: {{latency_ms: 50}}}}]\n")
     flush = make_redis(redis_url)
     await flush.flushall()
@@ -211,18 +215,23 @@ storage: {{mode: scaleout, postgres_dsn: "{fresh_postgres_dsn}", redis_url: "{re
 channels: [{{name: sbx, adapter: sandbox, base_url: "http://127.0.0.1:{sbx_port}"}}]
 merchants: [{{id: alpha, api_keys: [{{key: {API_KEY}}}]}}]
 """)
-            proc = spawn(["serve", "--config", str(cfg)], f"payroute-{i}")
+            proc = spawn(["serve", "--config", str(cfg), *(["--reuse-port"] if shared_port else [])], f"payroute-{i}")
             await wait_ready(f"http://127.0.0.1:{port}", proc)
             bases.append(f"http://127.0.0.1:{port}")
         headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "two-procs"}
         body = payment_body(merchant_order_id="two-procs")
-        async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+        # a fresh connection per request, so with a shared port the kernel spreads them over both processes
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(headers=headers, timeout=30, limits=limits) as c:
             results = await asyncio.gather(*(c.post(f"{bases[i % 2]}/v1/payments", json=body) for i in range(100)))
             ledger = (await c.get(f"http://127.0.0.1:{sbx_port}/_sandbox/ledger")).json()
         assert ledger["totals"]["count"] == 1
         created = [r for r in results if r.status_code == 201]
         assert created and all(r.content == created[0].content for r in created)
         assert {r.status_code for r in results} <= {201, 409}
+        if shared_port:
+            for i, proc in enumerate(procs[1:]):  # both processes still serve the one port
+                assert proc.poll() is None, (tmp_path / f"payroute-{i}.log").read_text()
     finally:
         for proc in procs:
             proc.kill()
