@@ -10,6 +10,10 @@ Contract (on top of `router.store.base`):
 - `update_payment` of an unknown payment id is a `VersionConflict` too (no row at `expected_version`).
   `merchant_id` and `merchant_order_id` are immutable: updates never rewrite those columns.
 - Cancelling a caller does not retract its write: once enqueued it is committed or fails with its batch.
+- Webhook outbox writes (fan-out, claims, attempt results, endpoint states) group-commit the same way on
+  a second writer thread and connection, so the payment writer's latency does not wait on them beyond
+  SQLite's write lock. There any exception raised by one item's work (except a database-level error
+  such as I/O, disk full or a lock timeout) is that item's own: rolled back to its SAVEPOINT alone.
 - Reads run on a small pool of reader connections (WAL readers never wait for the writer).
 - No sqlite call ever runs on the event loop thread.
 - The schema comes from the numbered files in `migrations/sqlite/`, tracked by `PRAGMA user_version`.
@@ -27,8 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -65,10 +70,10 @@ def load_migrations() -> list[Migration]:
 
 @dataclass
 class StoreStats:
-    """Counters the writer thread keeps (plain ints: readers on the loop thread may see them mid-batch)."""
+    """Counters a writer thread keeps (plain ints: readers on the loop thread may see them mid-batch)."""
 
     transactions: int = 0  # batches attempted, committed or not
-    writes: int = 0  # writes taken by the writer
+    writes: int = 0  # writes (items) taken by the writer
     failed_writes: int = 0  # writes that ended in an exception
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
@@ -81,13 +86,123 @@ class _Write:
     attempts: list[_Row]
     operations: list[_Row]
     outbox: list[_Row]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
     ledger: list[_Row] = field(default_factory=list)  # ledger entries, same savepoint
     retry_failed_order: bool = False  # insert: may follow a definitively failed payment of the order
 
 
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    """One item of a group commit: `apply` runs inside its own SAVEPOINT; `future` gets its result (or
+    exception) on `loop`, only after the COMMIT of its batch returned."""
+
+    apply: Callable[[sqlite3.Connection], T]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+
+
 _STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
+
+
+def _payment_write_fault(exc: Exception) -> bool:
+    # The payment write's own fault; anything else (I/O, lock timeout, our bug) fails its whole batch.
+    return isinstance(exc, DuplicateOrder | VersionConflict | sqlite3.IntegrityError)
+
+
+def _outbox_item_fault(exc: Exception) -> bool:
+    # An outbox item's work is a small function of its own (a breaker decision, a claim): whatever it
+    # raises is its own, except database-level errors, which may have ended the whole transaction.
+    return isinstance(exc, sqlite3.IntegrityError) or not isinstance(exc, sqlite3.Error)
+
+
+class _GroupWriter:
+    """One thread and one connection that group-commit: take everything queued (up to `batch_max`),
+    run it in one `BEGIN IMMEDIATE` transaction with each item in its own SAVEPOINT, COMMIT, and only
+    then resolve the items' futures. An item whose exception `own_fault` accepts is rolled back alone;
+    any other error fails every item of the batch and nothing of it is committed."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, name: str, batch_max: int, own_fault: Callable[[Exception], bool],
+        stats: StoreStats,
+    ) -> None:
+        self.queue: queue.SimpleQueue[_Job[Any] | object] = queue.SimpleQueue()
+        self.stats = stats
+        self._conn = conn
+        self._batch_max = batch_max
+        self._own_fault = own_fault
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: _Job[Any]) -> None:
+        self.queue.put(job)  # unbounded SimpleQueue: never blocks the loop
+
+    def stop(self) -> None:
+        """Blocking: commit what is queued, then end the thread and close the connection."""
+        self.queue.put(_STOP)
+        self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch: list[_Job[Any]] = []
+                item = self.queue.get()  # wait for work; then take whatever else piled up meanwhile
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    assert isinstance(item, _Job)
+                    batch.append(item)
+                    if len(batch) >= self._batch_max:
+                        break
+                    try:
+                        item = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._commit_batch(batch)
+        finally:
+            self._conn.close()
+
+    def _commit_batch(self, batch: list[_Job[Any]]) -> None:
+        conn = self._conn
+        outcomes: list[tuple[BaseException | None, Any]] = []
+        self.stats.transactions += 1
+        self.stats.writes += len(batch)
+        self.stats.batch_sizes[len(batch)] += 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT item")
+                try:
+                    result = job.apply(conn)
+                except Exception as exc:
+                    if not self._own_fault(exc):
+                        raise
+                    # This item's own fault: undo just it; the rest of the batch still commits.
+                    conn.execute("ROLLBACK TO item")
+                    outcomes.append((exc, None))
+                else:
+                    outcomes.append((None, result))
+                conn.execute("RELEASE item")
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - not swallowed: every caller of the batch receives it
+            # Disk full, I/O error, lock timeout, or our own bug: nothing of the batch is committed.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            outcomes = [(exc, None)] * len(batch)
+        self.stats.failed_writes += sum(o[0] is not None for o in outcomes)
+        # Resolve only now, after COMMIT returned: one wake-up per event loop, not one per item.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], BaseException | None, Any]]] = {}
+        for job, (failure, result) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(job.loop, []).append((job.future, failure, result))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, settled)
+
 
 _INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
     version, created_at, updated_at, doc, order_attempt) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"""
@@ -131,6 +246,29 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
+def _apply_write(write: _Write, conn: sqlite3.Connection) -> None:
+    payment_id, merchant_id, order_id = write.key
+    if write.expected_version is None:
+        # Read and inserted under the write lock (BEGIN IMMEDIATE): nobody can add a payment to this
+        # order in between, so the decision and the id named are the ones that really hold. The
+        # unique indexes of migration 0004 are the backstop.
+        existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
+        attempt = next_order_attempt(existing, payment_id, write.retry_failed_order)
+        if conn.execute(_INSERT_PAYMENT, (*write.payment_row, attempt)).rowcount == 0:
+            raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
+    elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
+        raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
+    # skip the empty ones: each executemany costs a statement-cache lookup and a reset under the GIL
+    if write.attempts:
+        conn.executemany(_UPSERT_ATTEMPT, write.attempts)
+    if write.operations:
+        conn.executemany(_UPSERT_OPERATION, write.operations)
+    if write.outbox:
+        conn.executemany(_INSERT_OUTBOX, write.outbox)
+    if write.ledger:
+        conn.executemany(_INSERT_LEDGER, write.ledger)
+
+
 class SqliteStore:
     def __init__(
         self,
@@ -147,23 +285,22 @@ class SqliteStore:
         if batch_max < 1 or readers < 1:
             raise ValueError("batch_max and readers must be >= 1")
         self.path = Path(path)
-        self.stats = StoreStats()
+        self.stats = StoreStats()  # the payment writer
+        self.outbox_stats = StoreStats()  # the webhook outbox writer
         self._batch_max = batch_max
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._readers = readers
         self._migrations = list(migrations) if migrations is not None else load_migrations()
         self._state = "new"  # new -> running -> closed
-        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._writer: _GroupWriter | None = None
         self._reader_pool: ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_conns_lock = threading.Lock()
-        # Webhook outbox writes (claims, results) run on a thread and connection of their own, so the
-        # payment group-commit loop stays as it is; SQLite's write lock serialises the two writers.
-        self._outbox_pool: ThreadPoolExecutor | None = None
-        self._outbox_conn: sqlite3.Connection | None = None
+        # Webhook outbox writes (claims, results) group-commit on a thread and connection of their own,
+        # so payment writes never queue behind a batch of them; SQLite's write lock serialises the two.
+        self._outbox: _GroupWriter | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,11 +308,16 @@ class SqliteStore:
         if self._state != "new":
             raise RuntimeError(f"SqliteStore cannot start: it is {self._state}")
         conn = await asyncio.to_thread(self._open_writer_connection)
+        try:
+            outbox_conn = await asyncio.to_thread(self._connect)
+        except BaseException:
+            conn.close()
+            raise
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="payroute-sqlite-read")
-        self._writer = threading.Thread(
-            target=self._writer_main, args=(conn,), name="payroute-sqlite-write", daemon=True
+        self._writer = _GroupWriter(conn, "payroute-sqlite-write", self._batch_max, _payment_write_fault, self.stats)
+        self._outbox = _GroupWriter(
+            outbox_conn, "payroute-sqlite-outbox", self._batch_max, _outbox_item_fault, self.outbox_stats
         )
-        self._writer.start()
         self._state = "running"
         try:
             await self.ping()
@@ -188,17 +330,13 @@ class SqliteStore:
         if self._state != "running":
             return
         self._state = "closed"  # from here on new writes are refused, so _STOP is the last item
-        self._queue.put(_STOP)
         await asyncio.to_thread(self._shutdown_threads)
 
     def _shutdown_threads(self) -> None:
-        assert self._writer is not None and self._reader_pool is not None
-        self._writer.join()
+        assert self._writer is not None and self._outbox is not None and self._reader_pool is not None
+        self._outbox.stop()
+        self._writer.stop()
         self._reader_pool.shutdown(wait=True)
-        if self._outbox_pool is not None:
-            self._outbox_pool.shutdown(wait=True)
-        if self._outbox_conn is not None:
-            self._outbox_conn.close()
         with self._reader_conns_lock:
             for conn in self._reader_conns:
                 conn.close()
@@ -275,7 +413,7 @@ class SqliteStore:
         self, payment: Payment, row: _Row, expected_version: int | None, events: Sequence[OutboxEvent],
         ledger: Sequence[LedgerEntry] = (), *, retry_failed_order: bool = False,
     ) -> None:
-        if self._state != "running" or self._writer is None or not self._writer.is_alive():
+        if self._state != "running" or self._writer is None or not self._writer.alive():
             raise RuntimeError(f"SqliteStore is {self._state} (or its writer thread died)")
         # Rows are built here, on the caller, so a bad value (naive datetime) fails this write only.
         loop = asyncio.get_running_loop()
@@ -288,97 +426,16 @@ class SqliteStore:
             operations=children.operations,
             outbox=children.outbox,
             ledger=children.ledger,
-            loop=loop,
-            future=loop.create_future(),
             retry_failed_order=retry_failed_order,
         )
-        self._queue.put(write)  # unbounded SimpleQueue: never blocks the loop
-        await write.future
-
-    def _writer_main(self, conn: sqlite3.Connection) -> None:
-        try:
-            stopping = False
-            while not stopping:
-                batch: list[_Write] = []
-                item = self._queue.get()  # wait for work; then take whatever else piled up meanwhile
-                while True:
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    assert isinstance(item, _Write)
-                    batch.append(item)
-                    if len(batch) >= self._batch_max:
-                        break
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if batch:
-                    self._commit_batch(conn, batch)
-        finally:
-            conn.close()
-
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        outcomes: list[BaseException | None] = []
-        self.stats.transactions += 1
-        self.stats.writes += len(batch)
-        self.stats.batch_sizes[len(batch)] += 1
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                conn.execute("SAVEPOINT write")
-                try:
-                    self._apply(conn, write)
-                except (DuplicateOrder, VersionConflict, sqlite3.IntegrityError) as exc:
-                    # This write's own fault: undo just it; the rest of the batch still commits.
-                    conn.execute("ROLLBACK TO write")
-                    outcomes.append(exc)
-                else:
-                    outcomes.append(None)
-                conn.execute("RELEASE write")
-            conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - not swallowed: every caller of the batch receives it
-            # Disk full, I/O error, lock timeout, or our own bug: nothing of the batch is committed.
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            outcomes = [exc] * len(batch)
-        self.stats.failed_writes += sum(o is not None for o in outcomes)
-        # Resolve only now, after COMMIT returned: one wake-up per event loop, not one per write.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
-        for write, outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(write.loop, []).append((write.future, outcome))
-        for loop, settled in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, settled)
-
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, write: _Write) -> None:
-        payment_id, merchant_id, order_id = write.key
-        if write.expected_version is None:
-            # Read and inserted under the write lock (BEGIN IMMEDIATE): nobody can add a payment to this
-            # order in between, so the decision and the id named are the ones that really hold. The
-            # unique indexes of migration 0004 are the backstop.
-            existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
-            attempt = next_order_attempt(existing, payment_id, write.retry_failed_order)
-            if conn.execute(_INSERT_PAYMENT, (*write.payment_row, attempt)).rowcount == 0:
-                raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
-        elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
-            raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
-        # skip the empty ones: each executemany costs a statement-cache lookup and a reset under the GIL
-        if write.attempts:
-            conn.executemany(_UPSERT_ATTEMPT, write.attempts)
-        if write.operations:
-            conn.executemany(_UPSERT_OPERATION, write.operations)
-        if write.outbox:
-            conn.executemany(_INSERT_OUTBOX, write.outbox)
-        if write.ledger:
-            conn.executemany(_INSERT_LEDGER, write.ledger)
+        job: _Job[None] = _Job(partial(_apply_write, write), loop, loop.create_future())
+        self._writer.submit(job)
+        await job.future
 
     # ------------------------------------------------------------------ reads
 
     async def ping(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
+        if self._writer is None or not self._writer.alive() or self._outbox is None or not self._outbox.alive():
             raise RuntimeError("SqliteStore writer thread is not running")
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
@@ -471,27 +528,14 @@ class SqliteStore:
     # ------------------------------------------------------------------ webhook outbox (OutboxStore)
 
     async def _outbox_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one BEGIN IMMEDIATE transaction on the outbox thread; committed on return."""
-        if self._state != "running":
+        """Run `work` on the outbox writer, in its own SAVEPOINT of a group-committed transaction;
+        returns its result once that transaction has committed (or raises; then nothing of it was)."""
+        if self._state != "running" or self._outbox is None:
             raise RuntimeError(f"SqliteStore is {self._state}")
-        if self._outbox_pool is None:
-            self._outbox_pool = ThreadPoolExecutor(1, thread_name_prefix="payroute-sqlite-outbox")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._outbox_pool, self._on_outbox, work)
-
-    def _on_outbox(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._outbox_conn is None:
-            self._outbox_conn = self._connect()
-        conn = self._outbox_conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return result
+        job: _Job[T] = _Job(work, loop, loop.create_future())
+        self._outbox.submit(job)
+        return await job.future
 
     async def sync_webhook_endpoints(self, endpoints: Sequence[WebhookEndpointRow], now: datetime) -> None:
         rows = [(e.id, e.merchant_id, e.url, _ts(now)) for e in endpoints]
@@ -584,12 +628,18 @@ class SqliteStore:
         stamp = _ts(now)
 
         def work(conn: sqlite3.Connection) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+            # The lease check is the UPDATE's own condition: no row updated, nothing written at all.
             held = conn.execute(
-                "SELECT 1 FROM webhook_deliveries WHERE event_id = ? AND endpoint_id = ? AND status = 'pending' "
-                "AND lease_owner = ? AND attempts = ?",
-                (claim.event_id, claim.endpoint_id, claim.lease_owner, claim.attempts),
-            ).fetchone()
-            if held is None:
+                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
+                "next_attempt_at = ?, locked_until = NULL, lease_owner = NULL, "
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+                "dead_at = CASE WHEN ? = 'dead' THEN ? ELSE dead_at END, last_status_code = ?, last_error = ? "
+                "WHERE event_id = ? AND endpoint_id = ? AND status = 'pending' AND lease_owner = ? AND attempts = ?",
+                (update.status, _ts(update.next_attempt_at), update.status, stamp, update.status, stamp,
+                 attempt.status_code, attempt.error, claim.event_id, claim.endpoint_id, claim.lease_owner,
+                 claim.attempts),
+            ).rowcount
+            if not held:
                 return None
             conn.execute(
                 "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
@@ -598,21 +648,11 @@ class SqliteStore:
                  attempt.outcome, attempt.status_code, attempt.error, attempt.response_snippet),
             )
             conn.execute(
-                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
-                "next_attempt_at = ?, locked_until = NULL, lease_owner = NULL, "
-                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
-                "dead_at = CASE WHEN ? = 'dead' THEN ? ELSE dead_at END, last_status_code = ?, last_error = ? "
-                "WHERE event_id = ? AND endpoint_id = ?",
-                (update.status, _ts(update.next_attempt_at), update.status, stamp, update.status, stamp,
-                 attempt.status_code, attempt.error, claim.event_id, claim.endpoint_id),
+                "UPDATE outbox SET attempts = attempts + 1, delivered_at = CASE WHEN ? = 'delivered' AND NOT EXISTS "
+                "(SELECT 1 FROM webhook_deliveries WHERE event_id = ? AND status <> 'delivered') THEN ? "
+                "ELSE delivered_at END WHERE id = ?",
+                (update.status, claim.event_id, stamp, claim.event_id),
             )
-            conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (claim.event_id,))
-            if update.status == "delivered":
-                conn.execute(
-                    "UPDATE outbox SET delivered_at = ? WHERE id = ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries "
-                    "WHERE event_id = ? AND status <> 'delivered')",
-                    (stamp, claim.event_id, claim.event_id),
-                )
             row = conn.execute(
                 f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (claim.endpoint_id,)
             ).fetchone()
@@ -759,40 +799,36 @@ def _delivery_filter(
 def _sqlite_claim(
     conn: sqlite3.Connection, endpoint_id: str, now: datetime, lease_until: datetime, owner: str, limit: int
 ) -> list[DeliveryClaim]:
+    # One statement: pick the due, unleased rows in (next_attempt_at, seq) order (migration 0006's index
+    # gives that order, so this stops at LIMIT), lease them, and return them with their payloads.
     stamp = _ts(now)
-    keys = conn.execute(
+    rows = conn.execute(
+        "UPDATE webhook_deliveries SET locked_until = ?, lease_owner = ? WHERE endpoint_id = ? AND event_id IN ("
         "SELECT d.event_id FROM webhook_deliveries d WHERE d.endpoint_id = ? AND d.status = 'pending' "
         "AND d.next_attempt_at <= ? AND (d.locked_until IS NULL OR d.locked_until <= ?) "
         "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id "
         "AND p.payment_id = d.payment_id AND p.status = 'pending' AND p.seq < d.seq) "
-        "ORDER BY d.next_attempt_at, d.seq LIMIT ?",
-        (endpoint_id, stamp, stamp, limit),
+        "ORDER BY d.next_attempt_at, d.seq LIMIT ?) "
+        "RETURNING event_id, endpoint_id, merchant_id, payment_id, type, "
+        "(SELECT o.payload FROM outbox o WHERE o.id = webhook_deliveries.event_id), attempts, round_attempts, "
+        "next_attempt_at, seq",
+        (_ts(lease_until), owner, endpoint_id, endpoint_id, stamp, stamp, limit),
     ).fetchall()
-    claims = []
-    for (event_id,) in keys:
-        conn.execute(
-            "UPDATE webhook_deliveries SET locked_until = ?, lease_owner = ? WHERE event_id = ? AND endpoint_id = ?",
-            (_ts(lease_until), owner, event_id, endpoint_id),
-        )
-        r = conn.execute(
-            "SELECT d.event_id, d.endpoint_id, d.merchant_id, d.payment_id, d.type, o.payload, d.attempts, "
-            "d.round_attempts FROM webhook_deliveries d JOIN outbox o ON o.id = d.event_id "
-            "WHERE d.event_id = ? AND d.endpoint_id = ?",
-            (event_id, endpoint_id),
-        ).fetchone()
-        claims.append(DeliveryClaim(
+    rows.sort(key=lambda r: (r[8], r[9]))  # RETURNING comes in no particular order
+    return [
+        DeliveryClaim(
             event_id=r[0], endpoint_id=r[1], merchant_id=r[2], payment_id=r[3], type=r[4], payload=bytes(r[5]),
             attempts=r[6], round_attempts=r[7], lease_owner=owner,
-        ))
-    return claims
+        )
+        for r in rows
+    ]
 
 
-
-def _settle(settled: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
-    for future, outcome in settled:
+def _settle(settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    for future, exc, result in settled:
         if future.done():  # the caller was cancelled; its write still happened (or failed) regardless
             continue
-        if outcome is None:
-            future.set_result(None)
+        if exc is None:
+            future.set_result(result)
         else:
-            future.set_exception(outcome)
+            future.set_exception(exc)
