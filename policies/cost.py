@@ -110,6 +110,8 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     default_success: Probability = 0.9  # p when there are no success stats
     dimension: Dimension = "none"  # the success-stats key to read, as in success_rate
     min_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 20.0
+    # pseudo-events of the channel-wide rate in a keyed (dimension) rate; null: `min_samples`
+    key_samples: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     # exploration, as in success_rate: a flat share, and optimism on p that shrinks with evidence
     explore: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.0
     optimism: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.0
@@ -122,6 +124,7 @@ class CostRanker:
     def __init__(
         self, stats: SuccessStats | None, monthly_volume: Mapping[str, int], default_success: float = 0.9,
         dimension: Dimension = "none", min_samples: float = 20.0, explore: float = 0.0, optimism: float = 0.0,
+        key_samples: float | None = None,
     ) -> None:
         self.stats = stats
         self.monthly_volume = monthly_volume
@@ -130,6 +133,7 @@ class CostRanker:
         self.min_samples = min_samples
         self.explore = explore
         self.optimism = optimism
+        self.key_samples = key_samples
         self._decoded: dict[int, tuple[Any, Fees]] = {}  # id(raw) -> (raw, decoded); raw kept alive
 
     def _fees(self, raw: Any) -> Fees | None:
@@ -159,7 +163,9 @@ class CostRanker:
         else:
             if key is None:
                 key = dimension_key(self.dimension, ctx)
-            p = self.stats.score(candidate.name, key, self.default_success, self.min_samples, optimism)
+            p = self.stats.score(
+                candidate.name, key, self.default_success, self.min_samples, optimism, self.key_samples
+            )
         return p * (ctx.amount - f), f
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
@@ -189,4 +195,5 @@ def build(params: Params, env: PolicyEnv) -> CostRanker:
         params.min_samples,
         params.explore,
         params.optimism,
+        params.key_samples,
     )

@@ -79,6 +79,11 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     fast_half_life_events: float = 100.0  # the recent window a detected change restarts from
     slow_half_life_events: float = 1000.0  # the ranking estimate's memory between changes
     half_life_s: float | None = 3600.0  # None: decay by events only
+    # Staleness: a (channel, key)'s evidence also halves every `stale_half_life_events` events of the
+    # same key on other channels (at read time too), so a channel left alone for a while is trusted
+    # less: its rate is pulled towards the channel-wide one and its optimism bonus grows until it is
+    # tried again. This re-exploration is what gets a key out of an early unlucky lock-in.
+    stale_half_life_events: float | None = 5000.0
     # Page-Hinkley change detection on each event's residual (outcome - slow mean): a cumulative
     # deviation beyond `change_threshold` (after a per-event allowance `change_delta`) resets the slow
     # counts to the fast ones, so a shift of a few points re-ranks within hundreds of events, not thousands.
@@ -92,6 +97,9 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     outage_p: float = 1e-4
     outage_min_run: int = 4
     outage_hold_s: float = 10.0
+    # Trend following: rank by a discounted least-squares line's value now instead of the lagging mean.
+    trend: bool = True
+    trend_slope_var: float = 4.0  # k: a slope with t^2 < k is taken as flat; above, shrunk by k / t^2
 
 
 class Cell(msgspec.Struct, kw_only=True, array_like=True):
@@ -109,17 +117,24 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Watch:
-    """Local detector state of one (channel, key), never shared: Page-Hinkley sums and the current
-    failure run (with the counts from before it, to take an outage's failures back out)."""
+    """Local state of one (channel, key), never shared: Page-Hinkley sums, the current failure run (with
+    the state from before it, to take an outage's failures back out), the age moments of the slow
+    counts (a1 = sum w*age, a2 = sum w*age^2, y1 = sum w*age*success, ages in the key's own events) and
+    the trend-following prediction derived from them at the last event."""
 
-    __slots__ = ("gp", "gn", "run", "k", "backup")
+    __slots__ = ("gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen")
 
     def __init__(self) -> None:
         self.gp = 0.0
         self.gn = 0.0
         self.run = 0
         self.k = 0
-        self.backup: tuple[float, float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        self.backup: tuple[float, ...] = ()
+        self.a1 = 0.0
+        self.a2 = 0.0
+        self.y1 = 0.0
+        self.p = -1.0  # < 0: no prediction yet (fall back to the slow mean)
+        self.seen = 0  # the key's event count (over all channels) at this cell's last event
 
 
 class SuccessStats:
@@ -132,8 +147,13 @@ class SuccessStats:
         self._fast = 0.5 ** (1.0 / c.fast_half_life_events)
         self._slow = 0.5 ** (1.0 / c.slow_half_life_events)
         self._log_outage_p = math.log(c.outage_p)
+        # variance of a discounted least-squares slope, relative to p(1-p)/sum(w (a - abar)^2): the
+        # discounted weights enter squared, which for lambda near 1 is about (1 - lambda) * 1.5 * H
+        self._slope_var = c.trend_slope_var
         self._local: dict[tuple[str, str], Cell] = {}
         self._watch: dict[tuple[str, str], _Watch] = {}
+        self._key_events: dict[str, int] = {}  # key -> events recorded under it, over all channels
+        self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
         self._peers: dict[str, Snapshot] = {}
         self._remote: dict[tuple[str, str], tuple[float, float]] = {}  # summed slow (s, f) of all peers
         self._seen: dict[str, None] = {}  # recent payment ids with a recorded outcome, oldest first
@@ -158,33 +178,43 @@ class SuccessStats:
             elif w.run > 0:
                 w.run += 1
                 if w.run == w.k:
-                    cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn = w.backup
+                    self._restore(cell, w)
                 cell.t = now if cell.t is None else max(cell.t, now)
             return
         if success:
             w.run = 0
         else:
-            if w.run == 0:  # a failure run starts: remember the counts before it
+            if w.run == 0:  # a failure run starts: remember the state before it
                 n = cell.ss + cell.sf
                 p = cell.ss / n if n > 0 else 0.0
                 k = c.outage_min_run
                 if 0.0 < p < 1.0:
                     k = max(k, min(30, math.ceil(self._log_outage_p / math.log(1.0 - p))))
                 w.k = k
-                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn)
+                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p)
             w.run += 1
             if w.run >= w.k:  # an outage: its failures say nothing about approvals
                 if w.run == w.k:
-                    cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn = w.backup
+                    self._restore(cell, w)
                 cell.t = now if cell.t is None else max(cell.t, now)
                 return
         time_decay = 1.0
         if c.half_life_s is not None and cell.t is not None and now > cell.t:
             time_decay = 0.5 ** ((now - cell.t) / c.half_life_s)
+        k_events = self._key_events.get(key, 0) + 1
+        self._key_events[key] = k_events
+        if w.seen and k_events - 1 > w.seen and self._stale < 1.0:
+            time_decay *= self._stale ** (k_events - 1 - w.seen)
+        w.seen = k_events
         df, ds = self._fast * time_decay, self._slow * time_decay
         hit = 1.0 if success else 0.0
         n_slow = cell.ss + cell.sf
         mean = cell.ss / n_slow if n_slow > 0 else 0.0
+        # every earlier event gets one event older: shift the age moments, then decay
+        a1 = w.a1
+        w.a2 = (w.a2 + 2.0 * a1 + n_slow) * ds
+        w.a1 = (a1 + n_slow) * ds
+        w.y1 = (w.y1 + cell.ss) * ds
         cell.fs = cell.fs * df + hit
         cell.ff = cell.ff * df + (1.0 - hit)
         cell.ss = cell.ss * ds + hit
@@ -194,8 +224,47 @@ class SuccessStats:
             w.gp = max(0.0, w.gp + hit - mean - c.change_delta)
             w.gn = max(0.0, w.gn + mean - hit - c.change_delta)
             if w.gp > c.change_threshold or w.gn > c.change_threshold:
-                cell.ss, cell.sf = cell.fs, cell.ff
-                w.gp = w.gn = 0.0
+                self._restart(cell, w)
+        w.p = self._predict(cell.ss, cell.sf, w)
+
+    def _restore(self, cell: Cell, w: _Watch) -> None:
+        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p = w.backup
+
+    def _restart(self, cell: Cell, w: _Watch) -> None:
+        """A detected change: the slow state restarts from the fast window, with no trend (its ages are
+        those of a full fast window: mean mu/(1-mu), variance mu/(1-mu)^2)."""
+        mu = self._fast
+        age = mu / (1.0 - mu)
+        cell.ss, cell.sf = cell.fs, cell.ff
+        n = cell.ss + cell.sf
+        w.a1 = n * age
+        w.a2 = n * (age * age + age / (1.0 - mu))
+        w.y1 = cell.ss * age
+        w.gp = w.gn = 0.0
+
+    def _predict(self, s: float, f: float, w: _Watch) -> float:
+        """The trend-following estimate now: a weighted least-squares line through the discounted
+        outcomes over their ages, read at age 0. Its slope is shrunk towards 0 by its own noise
+        (slope * max(0, 1 - k / t^2), t its t-statistic, k = `trend_slope_var`), so a flat rate reads as the plain discounted mean
+        and a real drift is followed without the mean's lag of about one half-life."""
+        n = s + f
+        if n <= 0.0:
+            return -1.0
+        mean = s / n
+        if not self.config.trend:
+            return mean
+        abar = w.a1 / n
+        saa = w.a2 - w.a1 * abar
+        if saa <= 1e-9:
+            return mean
+        d = (w.y1 - abar * s) / saa  # change of the rate per event of age (negative: rising)
+        m = 0.01 if mean < 0.01 else 0.99 if mean > 0.99 else mean
+        var_d = self._slope_var * m * (1.0 - m) / saa
+        dd = d * d
+        if dd <= var_d:  # not significant (positive-part James-Stein shrinkage of the slope)
+            return mean
+        p = mean - d * (1.0 - var_d / dd) * abar
+        return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def record_outcome(
         self, channel: str, ctx: RouteContext, success: bool, now: float, dimensions: Iterable[Dimension] = DIMENSIONS
@@ -225,6 +294,31 @@ class SuccessStats:
             return rs, rf
         return cell.ss + rs, cell.sf + rf
 
+    def rate(self, channel: str, key: str) -> tuple[float, float, float]:
+        """(current rate, evidence n, n discounted for staleness) of one key: the local trend-following
+        prediction pooled with the merged peers' discounted counts by weight; zeros without any data."""
+        ck = (channel, key)
+        cell = self._local.get(ck)
+        n_fresh = 1.0
+        if cell is None:
+            n_local = p_local = 0.0
+        else:
+            n_local = cell.ss + cell.sf
+            w = self._watch.get(ck)
+            if w is None:
+                p_local = cell.ss / n_local if n_local > 0 else 0.0
+            else:
+                p_local = w.p if w.p >= 0.0 else (cell.ss / n_local if n_local > 0 else 0.0)
+                if w.seen:
+                    stale = self._key_events[key] - w.seen
+                    if stale > 0:
+                        n_fresh = self._stale ** stale
+        if self._remote:
+            rs, rf = self._remote.get(ck, (0.0, 0.0))
+            n = n_local + rs + rf
+            return ((p_local * n_local + rs) / n if n > 0 else 0.0), n, n - n_local * (1.0 - n_fresh)
+        return p_local, n_local, n_local * n_fresh
+
     def is_down(self, channel: str) -> bool:
         """The channel's latest failures form an outage-like run, the last one under `outage_hold_s` ago."""
         w = self._watch.get((channel, ""))
@@ -233,30 +327,37 @@ class SuccessStats:
         cell = self._local[(channel, "")]
         return cell.t is not None and self.now - cell.t < self.config.outage_hold_s
 
-    def estimate(self, channel: str, key: str, prior: float, min_samples: float) -> float:
-        """Posterior mean success rate: the key's counts plus `min_samples` pseudo-counts at the
-        channel-wide rate, which is itself smoothed towards `prior` the same way."""
-        s, f = self.counts(channel, "")
-        base = (s + prior * min_samples) / (s + f + min_samples) if min_samples > 0 or s + f > 0 else prior
-        if key == "":
-            return base
-        s, f = self.counts(channel, key)
-        if s + f == 0:
-            return base
-        return (s + base * min_samples) / (s + f + min_samples)
+    def estimate(
+        self, channel: str, key: str, prior: float, min_samples: float, key_samples: float | None = None
+    ) -> float:
+        """Success rate now: the channel-wide rate smoothed towards `prior` with `min_samples`
+        pseudo-events; for a key, its own rate shrunk towards that channel-wide rate with `key_samples`
+        pseudo-events (default `min_samples`): a sparse key reads as the channel, a well-known one as itself."""
+        return self._estimate(channel, key, prior, min_samples, key_samples)[0]
 
-    def score(self, channel: str, key: str, prior: float, min_samples: float, optimism: float) -> float:
-        """What rankers order by: the estimate plus an optimism bonus `optimism * sd` that shrinks as the
-        key's evidence n grows (sd = sqrt(p(1-p)/(n+1))), so a little-tried channel gets tried and a
-        well-known loser does not; minus 1 while the channel looks down (an outage ranks it last)."""
-        s, f = self.counts(channel, "")
-        base = (s + prior * min_samples) / (s + f + min_samples) if min_samples > 0 or s + f > 0 else prior
+    def _estimate(
+        self, channel: str, key: str, prior: float, min_samples: float, key_samples: float | None
+    ) -> tuple[float, float]:
+        """(estimate, the staleness-discounted evidence behind it)."""
+        p, n, n_fresh = self.rate(channel, "")
+        base = (p * n + prior * min_samples) / (n + min_samples) if n + min_samples > 0 else prior
         if key == "":
-            p, n = base, s + f
-        else:
-            s, f = self.counts(channel, key)
-            n = s + f
-            p = (s + base * min_samples) / (n + min_samples) if n > 0 else base
+            return base, n_fresh
+        p, n, n_fresh = self.rate(channel, key)
+        if n <= 0.0:
+            return base, n_fresh
+        m = min_samples if key_samples is None else key_samples
+        return (p * n_fresh + base * m) / (n_fresh + m), n_fresh
+
+    def score(
+        self, channel: str, key: str, prior: float, min_samples: float, optimism: float,
+        key_samples: float | None = None,
+    ) -> float:
+        """What rankers order by: the estimate plus an optimism bonus `optimism * sd` that shrinks as the
+        key's evidence n grows (sd = sqrt(p(1-p)/(n+1)), n discounted for staleness), so a little-tried
+        channel gets tried, a well-known loser does not, and one left alone for long is tried again;
+        minus 1 while the channel looks down (an outage ranks it last)."""
+        p, n = self._estimate(channel, key, prior, min_samples, key_samples)
         if optimism > 0.0:
             p += optimism * math.sqrt(p * (1.0 - p) / (n + 1.0))
         if self._watch and self.is_down(channel):
@@ -289,6 +390,8 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # optimism bonus in standard deviations: exploration that shrinks as a key's evidence grows
     optimism: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.0
     min_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 20.0  # prior strength in pseudo-events
+    # pseudo-events of the channel-wide rate in a keyed (dimension) rate; null: `min_samples`
+    key_samples: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     prior: Probability = 0.8  # assumed rate for a channel with no data
 
 
@@ -304,7 +407,7 @@ class SuccessRateRanker:
 
     def __init__(
         self, stats: SuccessStats, dimension: Dimension = "none", explore: float = 0.0,
-        min_samples: float = 20.0, prior: float = 0.8, optimism: float = 0.0,
+        min_samples: float = 20.0, prior: float = 0.8, optimism: float = 0.0, key_samples: float | None = None,
     ) -> None:
         self.stats = stats
         self.dimension: Dimension = dimension
@@ -312,11 +415,13 @@ class SuccessRateRanker:
         self.min_samples = min_samples
         self.prior = prior
         self.optimism = optimism
+        self.key_samples = key_samples
 
     def scores(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> dict[str, float]:
         key = dimension_key(self.dimension, ctx)
         score = self.stats.score
-        return {c.name: score(c.name, key, self.prior, self.min_samples, self.optimism) for c in candidates}
+        ms, ks, prior, opt = self.min_samples, self.key_samples, self.prior, self.optimism
+        return {c.name: score(c.name, key, prior, ms, opt, ks) for c in candidates}
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         if len(candidates) < 2:
@@ -335,6 +440,7 @@ def stats_from(env: PolicyEnv) -> SuccessStats:
 
 def build(params: Params, env: PolicyEnv) -> SuccessRateRanker:
     return SuccessRateRanker(
-        stats_from(env), params.dimension, params.explore, params.min_samples, params.prior, params.optimism
+        stats_from(env), params.dimension, params.explore, params.min_samples, params.prior, params.optimism,
+        params.key_samples,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import msgspec
@@ -133,7 +134,9 @@ def events_until_it_wins_back(stats: sr.SuccessStats) -> int:
 def test_a_recovered_channel_wins_back_within_a_bounded_number_of_events() -> None:
     with_detection = events_until_it_wins_back(sr.SuccessStats())
     assert with_detection <= 250  # restarts from the fast window (half-life 100 events), not from scratch
-    assert with_detection < events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(change_detection=False))) / 4
+    # against a plain discounted window (no detection, no trend): change detection is what makes it quick
+    plain = sr.StatsConfig(change_detection=False, trend=False)
+    assert with_detection < events_until_it_wins_back(sr.SuccessStats(plain)) / 4
 
 
 def test_time_decay_lets_fresh_events_outweigh_old_ones() -> None:
@@ -282,3 +285,93 @@ def test_exploration_shrinks_as_evidence_grows() -> None:
         feed(stats, "b", rate_pattern(0.90, n))
         scores.append(stats.score("b", "", 0.8, 20, 1.0) - stats.estimate("b", "", 0.8, 20))
     assert scores[0] > scores[1] > scores[2] > 0
+
+
+# --------------------------------------------------------------------------- trend, card-caused declines, keys
+
+
+def drift_error(cfg: sr.StatsConfig, seed: int) -> float:
+    """|estimate - truth| after a linear drift from 95 % to 55 % over 2000 events (seeded outcomes)."""
+    rng = random.Random(seed)
+    stats = sr.SuccessStats(cfg)
+    feed(stats, "a", rate_pattern(0.95, 2000))
+    n = 2000
+    for i in range(n):
+        stats.record("a", "", rng.random() < 0.95 - 0.40 * i / n, 2000.0 + i)
+    return abs(stats.estimate("a", "", 0.5, 0) - 0.55)
+
+
+def test_trend_follows_a_linear_drift_with_less_lag_than_a_plain_window() -> None:
+    trend = [drift_error(sr.StatsConfig(change_detection=False, outage_min_run=10**9), s) for s in range(5)]
+    plain = [drift_error(sr.StatsConfig(change_detection=False, trend=False, outage_min_run=10**9), s) for s in range(5)]
+    assert max(trend) < 0.10  # near where the rate is now (outcome noise remains)
+    assert min(plain) > 0.15  # about a half-life behind: where the rate was 1000 events ago + noise
+    assert sum(trend) < sum(plain) / 3
+
+
+@given(st.floats(0.05, 0.95), st.integers(50, 3000))
+def test_a_flat_rate_reads_as_the_plain_discounted_mean(rate: float, n: int) -> None:
+    # an insignificant slope is shrunk to nothing: steady state pays no noise for trend following
+    with_trend = sr.SuccessStats(sr.StatsConfig(change_detection=False, outage_min_run=10**9))
+    plain = sr.SuccessStats(sr.StatsConfig(change_detection=False, trend=False, outage_min_run=10**9))
+    for stats in (with_trend, plain):
+        feed(stats, "a", rate_pattern(rate, n))
+    assert with_trend.estimate("a", "", 0.5, 0) == pytest.approx(plain.estimate("a", "", 0.5, 0))
+
+
+OUTCOMES = st.sampled_from([
+    ("approved", None), ("soft_decline", "do_not_honor"), ("unavailable", None),  # the channel's
+    ("hard_decline", "stolen_card"), ("soft_decline", "insufficient_funds"),  # the card's
+    ("pending", None),
+])
+
+
+@given(st.lists(OUTCOMES, max_size=300), st.integers(0, 40))
+def test_card_caused_declines_do_not_move_a_channels_score(outcomes: list[tuple[str, str | None]], extra: int) -> None:
+    """Recording a stream with card-caused declines (and pending) mixed in scores the channel exactly as
+    the stream without them: through `counts_for_channel`, they are never recorded."""
+    mixed, clean = sr.SuccessStats(), sr.SuccessStats()
+    card_caused = [("hard_decline", "do_not_honor"), ("soft_decline", "card_velocity_exceeded")] * extra
+    t = 0.0
+    for i, (outcome, code) in enumerate([*outcomes, *card_caused]):
+        t += 1.0
+        verdict = sr.counts_for_channel(outcome, code)
+        if verdict is None:
+            assert outcome in ("hard_decline", "pending") or code in sr.CARD_CAUSED_SOFT_CODES
+            continue
+        mixed.record_outcome("a", ctx(f"m{i}"), verdict, t)
+        clean.record_outcome("a", ctx(f"m{i}"), verdict, t)
+    assert mixed.score("a", "country:DE", 0.8, 20, 1.0) == clean.score("a", "country:DE", 0.8, 20, 1.0)
+    if not outcomes or all(sr.counts_for_channel(o, c) is None for o, c in outcomes):
+        assert mixed.counts("a", "") == (0.0, 0.0)  # only card-caused outcomes: nothing was learnt
+
+
+def test_change_detection_reacts_to_a_step_in_either_direction() -> None:
+    for before, after in ((0.92, 0.60), (0.60, 0.92)):
+        stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+        feed(stats, "a", rate_pattern(before, 3000))
+        n_before = sum(stats.counts("a", ""))
+        for i, ch in enumerate(rate_pattern(after, 500)):
+            stats.record("a", "", ch == "1", 3000.0 + i)
+            if sum(stats.counts("a", "")) < n_before / 2:
+                break
+        assert i < 100  # a 32-point step restarts the estimate within a hundred events
+        feed(stats, "a", rate_pattern(after, 200), t0=4000.0)
+        assert abs(stats.estimate("a", "", 0.5, 0) - after) < abs(before - after) / 4  # a plain window: ~85 % of the step away
+
+
+def test_key_samples_pull_a_segment_towards_the_channel() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(change_detection=False))
+    for i in range(600):
+        stats.record_outcome("a", ctx(f"d{i}", country="DE"), i % 10 != 0, float(i))  # 90 % in DE
+    for i in range(60):
+        stats.record_outcome("a", ctx(f"f{i}", country="FR"), i % 5 != 0, 600.0 + i)  # 80 % in FR, little data
+    wide = stats.estimate("a", "", 0.5, 0)
+    own = stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0)
+    pooled = stats.estimate("a", "country:FR", 0.5, 0, key_samples=200.0)
+    assert own == pytest.approx(0.8, abs=0.01)
+    assert own < pooled < wide
+    assert stats.estimate("a", "country:FR", 0.5, 0, key_samples=1e12) == pytest.approx(wide)
+    # the ranker's param reaches the stats
+    r = ranker(stats, dimension="country", key_samples=1e12, min_samples=0.0)
+    assert r.scores(ctx(country="FR"), (A,))["a"] == pytest.approx(wide)
