@@ -26,6 +26,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,14 +94,30 @@ class _Write:
 @dataclass(slots=True)
 class _Job(Generic[T]):
     """One item of a group commit: `apply` runs inside its own SAVEPOINT; `future` gets its result (or
-    exception) on `loop`, only after the COMMIT of its batch returned."""
+    exception) on `loop`, only after the COMMIT of its batch returned.
+
+    `merge`, if set, applies a run of consecutive jobs with the same `merge` at once (their `args`, in
+    order), with set-based statements instead of one SAVEPOINT and round of statements per job; it
+    returns their results in order, exactly as the jobs one after the other would have. If it raises,
+    its run is rolled back and each job is applied on its own, so one failing job still fails alone."""
 
     apply: Callable[[sqlite3.Connection], T]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
+    args: Any = None
+    merge: Callable[[sqlite3.Connection, list[Any]], list[T]] | None = None
 
 
 _STOP = object()  # queued by close(): the writer finishes what precedes it, then exits
+# A small outbox batch waits this long once for more items before it commits (like PostgreSQL's
+# commit_delay): under load every commit costs about as much as a batch of items (WAL pages + fsync),
+# so this trades a millisecond of latency of webhook bookkeeping for fewer, larger commits.
+_OUTBOX_LINGER_S = 0.001
+_LINGER_BELOW = 32  # items: a batch this large commits at once
+
+
+class _OneByOne(Exception):
+    """Raised by a `merge` that cannot decide its run as a whole: apply its jobs one by one."""
 
 
 def _payment_write_fault(exc: Exception) -> bool:
@@ -118,17 +135,19 @@ class _GroupWriter:
     """One thread and one connection that group-commit: take everything queued (up to `batch_max`),
     run it in one `BEGIN IMMEDIATE` transaction with each item in its own SAVEPOINT, COMMIT, and only
     then resolve the items' futures. An item whose exception `own_fault` accepts is rolled back alone;
-    any other error fails every item of the batch and nothing of it is committed."""
+    any other error fails every item of the batch and nothing of it is committed. With `linger_s`, a
+    batch smaller than `_LINGER_BELOW` sleeps that long once to gather more before it commits."""
 
     def __init__(
         self, conn: sqlite3.Connection, name: str, batch_max: int, own_fault: Callable[[Exception], bool],
-        stats: StoreStats,
+        stats: StoreStats, linger_s: float = 0.0,
     ) -> None:
         self.queue: queue.SimpleQueue[_Job[Any] | object] = queue.SimpleQueue()
         self.stats = stats
         self._conn = conn
         self._batch_max = batch_max
         self._own_fault = own_fault
+        self._linger_s = linger_s
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -148,6 +167,7 @@ class _GroupWriter:
             stopping = False
             while not stopping:
                 batch: list[_Job[Any]] = []
+                lingered = False
                 item = self.queue.get()  # wait for work; then take whatever else piled up meanwhile
                 while True:
                     if item is _STOP:
@@ -160,7 +180,14 @@ class _GroupWriter:
                     try:
                         item = self.queue.get_nowait()
                     except queue.Empty:
-                        break
+                        if self._linger_s <= 0 or lingered or len(batch) >= _LINGER_BELOW:
+                            break
+                        lingered = True
+                        time.sleep(self._linger_s)
+                        try:
+                            item = self.queue.get_nowait()
+                        except queue.Empty:
+                            break
                 if batch:
                     self._commit_batch(batch)
         finally:
@@ -174,19 +201,17 @@ class _GroupWriter:
         self.stats.batch_sizes[len(batch)] += 1
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT item")
-                try:
-                    result = job.apply(conn)
-                except Exception as exc:
-                    if not self._own_fault(exc):
-                        raise
-                    # This item's own fault: undo just it; the rest of the batch still commits.
-                    conn.execute("ROLLBACK TO item")
-                    outcomes.append((exc, None))
-                else:
-                    outcomes.append((None, result))
-                conn.execute("RELEASE item")
+            i = 0
+            while i < len(batch):
+                merge, end = batch[i].merge, i + 1
+                while merge is not None and end < len(batch) and batch[end].merge is merge:
+                    end += 1
+                if merge is not None and end - i > 1 and self._merged(batch[i:end], merge, outcomes):
+                    i = end
+                    continue
+                for job in batch[i:end]:
+                    outcomes.append(self._alone(job))
+                i = end
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - not swallowed: every caller of the batch receives it
             # Disk full, I/O error, lock timeout, or our own bug: nothing of the batch is committed.
@@ -195,6 +220,7 @@ class _GroupWriter:
                     conn.execute("ROLLBACK")
             outcomes = [(exc, None)] * len(batch)
         self.stats.failed_writes += sum(o[0] is not None for o in outcomes)
+        assert len(outcomes) == len(batch)
         # Resolve only now, after COMMIT returned: one wake-up per event loop, not one per item.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], BaseException | None, Any]]] = {}
         for job, (failure, result) in zip(batch, outcomes, strict=True):
@@ -202,6 +228,42 @@ class _GroupWriter:
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, settled)
+
+    def _alone(self, job: _Job[Any]) -> tuple[BaseException | None, Any]:
+        conn = self._conn
+        conn.execute("SAVEPOINT item")
+        try:
+            result = job.apply(conn)
+        except Exception as exc:
+            if not self._own_fault(exc):
+                raise
+            # This item's own fault: undo just it; the rest of the batch still commits.
+            conn.execute("ROLLBACK TO item")
+            outcome: tuple[BaseException | None, Any] = (exc, None)
+        else:
+            outcome = (None, result)
+        conn.execute("RELEASE item")
+        return outcome
+
+    def _merged(
+        self, run: list[_Job[Any]], merge: Callable[[sqlite3.Connection, list[Any]], list[Any]],
+        outcomes: list[tuple[BaseException | None, Any]],
+    ) -> bool:
+        """Apply `run` in one go; False (and nothing of it applied) if its jobs must go one by one."""
+        conn = self._conn
+        conn.execute("SAVEPOINT run")
+        try:
+            results = merge(conn, [job.args for job in run])
+        except Exception as exc:
+            if not (isinstance(exc, _OneByOne) or self._own_fault(exc)):
+                raise
+            conn.execute("ROLLBACK TO run")
+            conn.execute("RELEASE run")
+            return False
+        conn.execute("RELEASE run")
+        assert len(results) == len(run)
+        outcomes.extend((None, r) for r in results)
+        return True
 
 
 _INSERT_PAYMENT = """INSERT INTO payments (id, merchant_id, merchant_order_id, status, amount, currency,
@@ -316,7 +378,8 @@ class SqliteStore:
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="payroute-sqlite-read")
         self._writer = _GroupWriter(conn, "payroute-sqlite-write", self._batch_max, _payment_write_fault, self.stats)
         self._outbox = _GroupWriter(
-            outbox_conn, "payroute-sqlite-outbox", self._batch_max, _outbox_item_fault, self.outbox_stats
+            outbox_conn, "payroute-sqlite-outbox", self._batch_max, _outbox_item_fault, self.outbox_stats,
+            _OUTBOX_LINGER_S,
         )
         self._state = "running"
         try:
@@ -625,45 +688,24 @@ class SqliteStore:
         self, claim: DeliveryClaim, attempt: WebhookAttemptRow, update: DeliveryUpdate,
         decide: EndpointDecision, now: datetime,
     ) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+        # Rows built here, on the caller: a bad value fails this call only, before anything is queued.
+        if self._state != "running" or self._outbox is None:
+            raise RuntimeError(f"SqliteStore is {self._state}")
         stamp = _ts(now)
-
-        def work(conn: sqlite3.Connection) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
-            # The lease check is the UPDATE's own condition: no row updated, nothing written at all.
-            held = conn.execute(
-                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
-                "next_attempt_at = ?, locked_until = NULL, lease_owner = NULL, "
-                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
-                "dead_at = CASE WHEN ? = 'dead' THEN ? ELSE dead_at END, last_status_code = ?, last_error = ? "
-                "WHERE event_id = ? AND endpoint_id = ? AND status = 'pending' AND lease_owner = ? AND attempts = ?",
-                (update.status, _ts(update.next_attempt_at), update.status, stamp, update.status, stamp,
-                 attempt.status_code, attempt.error, claim.event_id, claim.endpoint_id, claim.lease_owner,
-                 claim.attempts),
-            ).rowcount
-            if not held:
-                return None
-            conn.execute(
-                "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
-                "status_code, error, response_snippet) VALUES (?,?,?,?,?,?,?,?,?)",
-                (attempt.event_id, attempt.endpoint_id, attempt.attempt, _ts(attempt.started_at), attempt.latency_ms,
-                 attempt.outcome, attempt.status_code, attempt.error, attempt.response_snippet),
-            )
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, delivered_at = CASE WHEN ? = 'delivered' AND NOT EXISTS "
-                "(SELECT 1 FROM webhook_deliveries WHERE event_id = ? AND status <> 'delivered') THEN ? "
-                "ELSE delivered_at END WHERE id = ?",
-                (update.status, claim.event_id, stamp, claim.event_id),
-            )
-            row = conn.execute(
-                f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (claim.endpoint_id,)
-            ).fetchone()
-            before = _endpoint(row) if row is not None else WebhookEndpointRow(
-                id=claim.endpoint_id, merchant_id=claim.merchant_id, url="")
-            after = decide(before)
-            if after != before:
-                _write_endpoint(conn, msgspec.structs.replace(after, updated_at=now))
-            return before, after
-
-        return await self._outbox_write(work)
+        args = _Finish(
+            claim=claim, decide=decide, now=now,
+            delivery=(update.status, _ts(update.next_attempt_at), update.status, stamp, update.status, stamp,
+                      attempt.status_code, attempt.error, claim.event_id, claim.endpoint_id, claim.lease_owner,
+                      claim.attempts),
+            attempt=(attempt.event_id, attempt.endpoint_id, attempt.attempt, _ts(attempt.started_at),
+                     attempt.latency_ms, attempt.outcome, attempt.status_code, attempt.error,
+                     attempt.response_snippet),
+            outbox=(update.status, claim.event_id, stamp, claim.event_id),
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        job: _Job[_Finished] = _Job(partial(_finish_one, args), loop, loop.create_future(), args, _finish_many)
+        self._outbox.submit(job)
+        return await job.future
 
     async def next_webhook_due(self, now: datetime) -> datetime | None:
         def query(conn: sqlite3.Connection) -> tuple[object, object]:
@@ -794,6 +836,88 @@ def _delivery_filter(
         clauses.append("created_at < ?")
         params.append(_ts(until))
     return "WHERE " + " AND ".join(clauses), params
+
+
+_Finished = tuple[WebhookEndpointRow, WebhookEndpointRow] | None
+
+# The lease check is the UPDATE's own condition: no row updated means the lease was lost.
+_FINISH_DELIVERY = (
+    "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, round_attempts = round_attempts + 1, "
+    "next_attempt_at = ?, locked_until = NULL, lease_owner = NULL, "
+    "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END, "
+    "dead_at = CASE WHEN ? = 'dead' THEN ? ELSE dead_at END, last_status_code = ?, last_error = ? "
+    "WHERE event_id = ? AND endpoint_id = ? AND status = 'pending' AND lease_owner = ? AND attempts = ?"
+)
+_INSERT_ATTEMPT = (
+    "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
+    "status_code, error, response_snippet) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+# The event is delivered once every one of its deliveries is.
+_FINISH_OUTBOX = (
+    "UPDATE outbox SET attempts = attempts + 1, delivered_at = CASE WHEN ? = 'delivered' AND NOT EXISTS "
+    "(SELECT 1 FROM webhook_deliveries WHERE event_id = ? AND status <> 'delivered') THEN ? "
+    "ELSE delivered_at END WHERE id = ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    """One `finish_attempt`, its statement parameters built on the caller."""
+
+    claim: DeliveryClaim
+    decide: EndpointDecision
+    now: datetime
+    delivery: _Row
+    attempt: _Row
+    outbox: _Row
+
+
+def _finish_one(f: _Finish, conn: sqlite3.Connection) -> _Finished:
+    if conn.execute(_FINISH_DELIVERY, f.delivery).rowcount == 0:
+        return None  # not the lease holder (any more): nothing written
+    conn.execute(_INSERT_ATTEMPT, f.attempt)
+    conn.execute(_FINISH_OUTBOX, f.outbox)
+    row = conn.execute(f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (f.claim.endpoint_id,)).fetchone()
+    before = _endpoint(row) if row is not None else WebhookEndpointRow(
+        id=f.claim.endpoint_id, merchant_id=f.claim.merchant_id, url="")
+    after = f.decide(before)
+    if after != before:
+        _write_endpoint(conn, msgspec.structs.replace(after, updated_at=f.now))
+    return before, after
+
+
+def _finish_many(conn: sqlite3.Connection, fs: list[_Finish]) -> list[_Finished]:
+    """`_finish_one` over a run, with one executemany per table and one endpoint read and write per
+    endpoint. Gives the same rows and results as the run one by one, or raises `_OneByOne` (a lost
+    lease or a delivery twice in the run: those cases go the careful way)."""
+    if conn.executemany(_FINISH_DELIVERY, [f.delivery for f in fs]).rowcount != len(fs):
+        raise _OneByOne  # rowcount sums the rows of every statement: fewer means some lease was lost
+    conn.executemany(_INSERT_ATTEMPT, [f.attempt for f in fs])
+    conn.executemany(_FINISH_OUTBOX, [f.outbox for f in fs])
+    current: dict[str, WebhookEndpointRow] = {}
+    changed: set[str] = set()
+    results: list[_Finished] = []
+    for f in fs:  # the breaker sees the attempts in order, each after the one before, as one by one
+        eid = f.claim.endpoint_id
+        before = current.get(eid)
+        if before is None:
+            row = conn.execute(f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ?", (eid,)).fetchone()
+            if row is None:  # unknown endpoint: every attempt sees a blank one, nothing is stored
+                before = WebhookEndpointRow(id=eid, merchant_id=f.claim.merchant_id, url="")
+                results.append((before, f.decide(before)))
+                continue
+            before = _endpoint(row)
+        after = f.decide(before)
+        if after != before:
+            # what a read of the row written one by one would give the next attempt
+            current[eid] = msgspec.structs.replace(after, updated_at=f.now)
+            changed.add(eid)
+        else:
+            current[eid] = before
+        results.append((before, after))
+    for eid in sorted(changed):
+        _write_endpoint(conn, current[eid])
+    return results
 
 
 def _sqlite_claim(
