@@ -9,8 +9,12 @@ Contract:
 - Per-payment order per endpoint: an event is claimed only once the previous event of the same payment
   for that endpoint is delivered or dead (the store's claim enforces it); other payments keep flowing.
 - Per-endpoint queues: at most `concurrency_per_endpoint` sends in flight per endpoint, and
-  `max_in_flight` overall. A claim is a lease (`lease_s`): two dispatchers (PostgreSQL, `FOR UPDATE
-  SKIP LOCKED`) never send the same attempt at once, and a crashed one's claims come back when it lapses.
+  `max_in_flight` overall. A send's slot frees when the receiver has answered; its result is then
+  recorded (group-committed with others) while the slot serves the next claim. The delivery stays
+  leased, and the next event of its payment blocked, until that record has committed; at most
+  `max_in_flight` results wait to be recorded (claiming pauses beyond). A claim is a lease
+  (`lease_s`): two dispatchers (PostgreSQL, `FOR UPDATE SKIP LOCKED`) never send the same attempt at
+  once, and a crashed one's claims come back when it lapses.
 - Schedule (per merchant overridable): immediately, then the `schedule_s` delays with full jitter
   (each delay drawn from (0, d] at `jitter: 1.0`); `Retry-After` on 429/503 replaces the drawn delay
   (capped by `retry_after_max_s`); `410 Gone` disables the endpoint at once.
@@ -33,6 +37,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -164,6 +169,7 @@ def endpoints_from_merchants(merchants: Iterable[Any]) -> list[Endpoint]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)  # secrets come from config: bounded; decoded once, not per delivery
 def _secret_bytes(secret: str) -> bytes:
     raw = secret.removeprefix("whsec_")
     return base64.b64decode(raw + "=" * (-len(raw) % 4))
@@ -211,6 +217,9 @@ class SsrfGuard:
     def __init__(self, allow_networks: Sequence[str], resolver: Resolver = system_resolver) -> None:
         self._allow = [ipaddress.ip_network(n, strict=False) for n in allow_networks]
         self._resolver = resolver
+        # URL -> its checked (address, port) when the host is an IP literal: no DNS answer can change
+        # that verdict, so it is worked out once. Names are resolved and checked on every attempt.
+        self._literal: dict[str, tuple[str, int]] = {}
 
     def permitted(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if any(addr in net for net in self._allow):
@@ -222,13 +231,18 @@ class SsrfGuard:
 
     async def resolve(self, url: str) -> tuple[str, int]:
         """The address to connect to (the first one), if every address the name has is permitted."""
+        known = self._literal.get(url)
+        if known is not None:
+            return known
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EndpointRefused(f"not an http(s) URL: {url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
+        literal = True
         try:
             addrs = [ipaddress.ip_address(parts.hostname)]
         except ValueError:
+            literal = False
             try:
                 addrs = [ipaddress.ip_address(a.split("%", 1)[0]) for a in await self._resolver(parts.hostname, port)]
             except OSError as e:
@@ -238,7 +252,10 @@ class SsrfGuard:
         bad = [str(a) for a in addrs if not self.permitted(a)]
         if bad:
             raise EndpointRefused(f"{parts.hostname} resolves to a non-public address ({', '.join(bad)})")
-        return str(addrs[0]), port
+        checked = str(addrs[0]), port
+        if literal and len(self._literal) < 4096:  # bounded: endpoint URLs come from config
+            self._literal[url] = checked
+        return checked
 
 
 def pinned_url(url: str, address: str) -> str:
@@ -345,6 +362,15 @@ class WebhookMetrics:
         self.fanned_out = Counter("payroute_webhook_events_fanned_out", "Outbox events turned into deliveries",
                                   registry=r)
         self.redrives = Counter("payroute_webhook_redrives", "Dead letters re-driven by an operator", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: the hot path does not take the metric's lock."""
+        key = (id(metric), labels)  # the metrics live as long as this object
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 _STATE_VALUE = {"active": 0, "paused": 1, "disabled": 2}
@@ -387,10 +413,15 @@ class WebhookDispatcher:
         self._guard = SsrfGuard(settings.allow_networks, resolver)
         self.owner = owner or f"wd_{_secrets.token_hex(6)}"
         self._client: aiohttp.ClientSession | None = None
-        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}  # sends, per endpoint
+        self._recording: set[asyncio.Task[None]] = set()  # answered, result not yet committed
+        self._slot_freed = asyncio.Event()  # a send was answered since the last pass began
+        self._full = False  # the last pass left claimable work for lack of slots
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._synced: frozenset[tuple[str, str, str]] = frozenset()
+        # (url, checked address) -> (pinned URL, Host header, TLS SNI arguments): parsed once, not per send
+        self._targets: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -426,7 +457,11 @@ class WebhookDispatcher:
         self._wake.set()
 
     def _all_in_flight(self) -> set[asyncio.Task[None]]:
-        return set().union(*self._in_flight.values()) if self._in_flight else set()
+        """Every delivery task: sending, or recording its result."""
+        return set().union(self._recording, *self._in_flight.values())
+
+    def _sends_in_flight(self) -> int:
+        return sum(len(tasks) for tasks in self._in_flight.values())
 
     # ------------------------------------------------------------------ the loop
 
@@ -452,25 +487,34 @@ class WebhookDispatcher:
     async def _idle(self) -> None:
         s = self.settings
         now = self.clock()
-        try:
-            due = await self.store.next_webhook_due(now)
-        except StoreUnavailable:
+        in_flight = self._all_in_flight()
+        if self._full and in_flight:
+            # Work is waiting for slots: a send answered wakes us, so skip the look at the schedule
+            # (a scan of every pending delivery); a retry falling due meanwhile waits at most a poll.
             due = None
+        else:
+            try:
+                due = await self.store.next_webhook_due(now)
+            except StoreUnavailable:
+                due = None
         wait = s.poll_interval_s if due is None else (due - now).total_seconds()
         # never spin: a due delivery we cannot take (endpoint full, leased elsewhere) is re-looked at shortly
         wait = min(max(wait, 0.05), s.poll_interval_s)
         self._wake.clear()
         waiters: set[asyncio.Future[Any]] = {
             asyncio.ensure_future(self._sleep(wait)), asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._slot_freed.wait()),
         }
-        waiters |= self._all_in_flight()
+        waiters |= in_flight
         done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
-            if w not in self._all_in_flight() and not w.done():
+            if w not in in_flight and not w.done():
                 w.cancel()
 
     async def _tick(self) -> list[asyncio.Task[None]]:
         s = self.settings
+        self._slot_freed.clear()  # set again by any send answered from here on: the next pass looks
+        self._full = False
         now = self.clock()
         endpoints = {e.id: e for e in self._endpoints()}
         synced = frozenset((e.id, e.merchant_id, e.url) for e in endpoints.values())
@@ -482,42 +526,63 @@ class WebhookDispatcher:
         by_merchant: dict[str, list[str]] = {}
         for e in endpoints.values():
             by_merchant.setdefault(e.merchant_id, []).append(e.id)
-        while True:
-            n = await self.store.fan_out_events(by_merchant, now, s.fan_out_batch)
-            self._metrics.fanned_out.inc(n)
-            if n < s.fan_out_batch:
-                break
-        started: list[asyncio.Task[None]] = []
-        rows = {r.id: r for r in await self.store.list_webhook_endpoints()}
+        async def fan_out() -> None:
+            while True:
+                n = await self.store.fan_out_events(by_merchant, now, s.fan_out_batch)
+                self._metrics.fanned_out.inc(n)
+                if n < s.fan_out_batch:
+                    return
+
+        # Independent: the fan-out (the outbox writer) and the endpoint states (a reader) go at once.
+        _, listed = await asyncio.gather(fan_out(), self.store.list_webhook_endpoints())
+        rows = {r.id: r for r in listed}
         lease_until = now + timedelta(seconds=s.lease_s)
         refill = max(1, s.concurrency_per_endpoint // 4)
+        # max_in_flight is shared: reserve each endpoint's share before its claim goes out
+        budget = min(s.max_in_flight - self._sends_in_flight(), s.max_in_flight - len(self._recording))
+        planned: list[tuple[Endpoint, set[asyncio.Task[None]], Awaitable[list[DeliveryClaim]]]] = []
         for ep in endpoints.values():
             row = rows.get(ep.id)
             if row is None:
                 continue
-            self._metrics.endpoint_state.labels(ep.id).set(_STATE_VALUE.get(row.state, 0))
+            self._metrics.child(self._metrics.endpoint_state, ep.id).set(_STATE_VALUE.get(row.state, 0))
             mine = self._in_flight.setdefault(ep.id, set())
-            free = min(s.concurrency_per_endpoint - len(mine), s.max_in_flight - len(self._all_in_flight()))
+            free = min(s.concurrency_per_endpoint - len(mine), budget)
             if free <= 0 or (mine and free < refill):
                 # each claim is a store transaction: with sends in flight, wait until a quarter of the
-                # slots are free and claim them together, not one by one (a completion re-runs the tick)
+                # slots are free and claim them together, not one by one (a send answered re-runs the tick)
+                self._full = self._full or row.state == "active"
                 continue
-            claims: list[DeliveryClaim] = []
             if row.state == "active":
-                claims = await self.store.claim_deliveries(ep.id, now, lease_until, self.owner, free)
+                budget -= free
+                planned.append((ep, mine, self._claim(ep, now, lease_until, free)))
             elif row.state == "paused" and not mine and (row.paused_until is None or row.paused_until <= now):
-                probe = await self.store.claim_probe(
-                    ep.id, now, now + timedelta(seconds=s.probe_interval_s), lease_until, self.owner
-                )
-                claims = [probe] if probe is not None else []
-                if probe is not None:
-                    log.info("probing paused webhook endpoint", extra={"endpoint": ep.id})
+                budget -= 1
+                planned.append((ep, mine, self._probe(ep, now, lease_until)))
+        # One round trip for every endpoint's claim: they share the store's next group commit.
+        claimed = await asyncio.gather(*(claim for _, _, claim in planned))
+        started: list[asyncio.Task[None]] = []
+        for (ep, mine, _), claims in zip(planned, claimed, strict=True):
             for claim in claims:
                 task = asyncio.create_task(self._deliver(ep, claim))
                 mine.add(task)
-                task.add_done_callback(partial(_forget, mine))
+                task.add_done_callback(partial(_forget, mine, self._recording))
                 started.append(task)
         return started
+
+    async def _claim(self, ep: Endpoint, now: datetime, lease_until: datetime, free: int) -> list[DeliveryClaim]:
+        claims = await self.store.claim_deliveries(ep.id, now, lease_until, self.owner, free)
+        if len(claims) == free:
+            self._full = True  # there may be more: a slot freeing up must bring us back
+        return claims
+
+    async def _probe(self, ep: Endpoint, now: datetime, lease_until: datetime) -> list[DeliveryClaim]:
+        next_probe = now + timedelta(seconds=self.settings.probe_interval_s)
+        probe = await self.store.claim_probe(ep.id, now, next_probe, lease_until, self.owner)
+        if probe is None:
+            return []
+        log.info("probing paused webhook endpoint", extra={"endpoint": ep.id})
+        return [probe]
 
     # ------------------------------------------------------------------ one attempt
 
@@ -526,6 +591,7 @@ class WebhookDispatcher:
         t0 = time.perf_counter()
         result = await self.send(ep, claim.event_id, claim.payload)
         latency_ms = (time.perf_counter() - t0) * 1000
+        self._answered(ep.id)
         now = self.clock()
         s = self.settings
         update = delivery_update(result, claim.round_attempts, s.schedule_for(claim.merchant_id), s, now, self._rng)
@@ -534,8 +600,8 @@ class WebhookDispatcher:
             latency_ms=latency_ms, outcome=result.outcome, status_code=result.status_code, error=result.error,
             response_snippet=result.snippet,
         )
-        self._metrics.attempts.labels(ep.id, result.outcome).inc()
-        self._metrics.latency.labels(ep.id).observe(latency_ms / 1000)
+        self._metrics.child(self._metrics.attempts, ep.id, result.outcome).inc()
+        self._metrics.child(self._metrics.latency, ep.id).observe(latency_ms / 1000)
         decide = partial(decide_endpoint, outcome=result.outcome, started_at=started_at, now=now, settings=s)
         try:
             changed = await self.store.finish_attempt(claim, attempt, update, decide, now)
@@ -552,7 +618,7 @@ class WebhookDispatcher:
             log.warning("webhook dead-lettered", extra={"event_id": claim.event_id, "endpoint": ep.id,
                                                         "attempts": attempt.attempt})
         before, after = changed
-        self._metrics.endpoint_state.labels(ep.id).set(_STATE_VALUE.get(after.state, 0))
+        self._metrics.child(self._metrics.endpoint_state, ep.id).set(_STATE_VALUE.get(after.state, 0))
         if before.state != after.state:
             if after.state == "paused":
                 self._metrics.alerts.labels(ep.id, "paused").inc()
@@ -566,6 +632,15 @@ class WebhookDispatcher:
             elif after.state == "active":
                 log.warning("webhook endpoint recovered", extra={"endpoint": ep.id})
 
+    def _answered(self, endpoint: str) -> None:
+        # The send is over: free its slot for the next claim while the result is recorded.
+        task = asyncio.current_task()
+        mine = self._in_flight.get(endpoint)
+        if task is not None and mine is not None and task in mine:
+            mine.discard(task)
+            self._recording.add(task)
+            self._slot_freed.set()
+
     async def send(self, ep: Endpoint, event_id: str, body: bytes) -> SendResult:
         """One signed POST. Failures are values; nothing here raises for the receiver's behaviour."""
         assert self._client is not None, "start() the dispatcher first"
@@ -574,16 +649,22 @@ class WebhookDispatcher:
         except EndpointRefused as e:
             log.error("webhook endpoint refused by the SSRF guard", extra={"endpoint": ep.id, "reason": str(e)})
             return SendResult(outcome="refused", error=str(e)[:SNIPPET_BYTES])
-        parts = urlsplit(ep.url)
+        target = self._targets.get((ep.url, address))
+        if target is None:
+            parts = urlsplit(ep.url)
+            # TLS: SNI and certificate check against the name, while the socket goes to the checked address
+            sni: dict[str, Any] = {"server_hostname": parts.hostname} if parts.scheme == "https" else {}
+            target = pinned_url(ep.url, address), parts.netloc.rsplit("@", 1)[-1], sni
+            if len(self._targets) >= 4096:  # a name whose addresses keep changing: start over
+                self._targets.clear()
+            self._targets[(ep.url, address)] = target
+        url, host, sni = target
         timestamp = int(self._timestamp_clock().timestamp())
         headers = signed_headers(ep, event_id, timestamp, body)
-        headers["host"] = parts.netloc.rsplit("@", 1)[-1]
-        # TLS: SNI and certificate check against the name, while the socket goes to the checked address
-        sni: dict[str, Any] = {"server_hostname": parts.hostname} if parts.scheme == "https" else {}
+        headers["host"] = host
         try:
             async with asyncio.timeout(self.settings.total_timeout_s):
-                async with self._client.post(pinned_url(ep.url, address), data=body, headers=headers,
-                                             allow_redirects=False, **sni) as resp:
+                async with self._client.post(url, data=body, headers=headers, allow_redirects=False, **sni) as resp:
                     snippet = await _read_snippet(resp)
                     code = resp.status
                     retry_after_header = resp.headers.get("retry-after")
@@ -605,15 +686,16 @@ class WebhookDispatcher:
         return SendResult(outcome="failed", status_code=code, snippet=snippet)
 
 
-def _forget(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
-    tasks.discard(task)
+def _forget(sending: set[asyncio.Task[None]], recording: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    sending.discard(task)
+    recording.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("webhook delivery task failed", exc_info=task.exception())
 
 
 async def _read_snippet(resp: aiohttp.ClientResponse) -> str:
-    buf = b""
-    while len(buf) < SNIPPET_BYTES:
+    buf = await resp.content.read(SNIPPET_BYTES)
+    while buf and len(buf) < SNIPPET_BYTES and not resp.content.at_eof():
         chunk = await resp.content.read(SNIPPET_BYTES - len(buf))
         if not chunk:
             break
