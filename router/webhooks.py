@@ -11,8 +11,8 @@ Contract:
 - Per-endpoint queues: at most `concurrency_per_endpoint` sends in flight per endpoint, and
   `max_in_flight` overall. A send's slot frees when the receiver has answered; its result is then
   recorded (group-committed with others) while the slot serves the next claim. The delivery stays
-  leased, and the next event of its payment blocked, until that record has committed; at most
-  `max_in_flight` results wait to be recorded (claiming pauses beyond). A claim is a lease
+  leased, and the next event of its payment blocked, until that record has committed; sends plus
+  results waiting to be recorded stay within twice `max_in_flight` (claiming pauses beyond). A claim is a lease
   (`lease_s`): two dispatchers (PostgreSQL, `FOR UPDATE SKIP LOCKED`) never send the same attempt at
   once, and a crashed one's claims come back when it lapses.
 - Schedule (per merchant overridable): immediately, then the `schedule_s` delays with full jitter
@@ -538,8 +538,10 @@ class WebhookDispatcher:
         rows = {r.id: r for r in listed}
         lease_until = now + timedelta(seconds=s.lease_s)
         refill = max(1, s.concurrency_per_endpoint // 4)
-        # max_in_flight is shared: reserve each endpoint's share before its claim goes out
-        budget = min(s.max_in_flight - self._sends_in_flight(), s.max_in_flight - len(self._recording))
+        # max_in_flight is shared: reserve each endpoint's share before its claim goes out. Sends are
+        # bounded by it, and sends plus answered results not yet recorded by twice it.
+        sends = self._sends_in_flight()
+        budget = min(s.max_in_flight - sends, 2 * s.max_in_flight - sends - len(self._recording))
         planned: list[tuple[Endpoint, set[asyncio.Task[None]], Awaitable[list[DeliveryClaim]]]] = []
         for ep in endpoints.values():
             row = rows.get(ep.id)

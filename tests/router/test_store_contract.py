@@ -798,6 +798,118 @@ async def test_outbox_endpoint_states_gate_claims_and_probes(backend: Backend, s
     assert (row.state, row.paused_until) == ("paused", now + timedelta(minutes=1))
 
 
+async def _fanned_out(store: PaymentStore, n: int, now: datetime, endpoints: tuple[str, ...] = ("we_a",)) -> list[Payment]:
+    from router.store.base import OutboxStore
+
+    assert isinstance(store, SqliteStore | PostgresStore)
+    ob: OutboxStore = store
+    payments = [make_payment(i) for i in range(1, n + 1)]
+    for p in payments:
+        await store.insert_payment(p, [event(p, "created")])
+    await ob.sync_webhook_endpoints([_ep(e) for e in endpoints], now)
+    await ob.fan_out_events({"m_1": list(endpoints)}, now)
+    return payments
+
+
+def _attempt_for(claim: Any, now: datetime, outcome: str = "delivered", code: int = 200) -> Any:
+    from router.store.base import WebhookAttemptRow
+
+    return WebhookAttemptRow(event_id=claim.event_id, endpoint_id=claim.endpoint_id, attempt=claim.attempts + 1,
+                             started_at=now, latency_ms=1.0, outcome=outcome, status_code=code, response_snippet="x")
+
+
+async def test_outbox_claim_takes_only_due_unleased_rows_oldest_due_first_then_commit_order(
+    backend: Backend, store: PaymentStore
+) -> None:
+    from router.store.base import DeliveryUpdate
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    now = T0 + timedelta(hours=1)
+    p = await _fanned_out(store, 4, now)
+    ids = [f"evt_{x.id}_created" for x in p]
+    lease = now + timedelta(seconds=30)
+    [first] = await store.claim_deliveries("we_a", now, lease, "one", 1)
+    assert first.event_id == ids[0]  # same due time: commit order
+    retry_at = now + timedelta(seconds=1)
+    await store.finish_attempt(first, _attempt_for(first, now, "failed", 500),
+                               DeliveryUpdate(status="pending", next_attempt_at=retry_at), lambda e: e, now)
+    [second] = await store.claim_deliveries("we_a", now, lease, "two", 1)
+    assert second.event_id == ids[1]  # the retry is not due yet; the leased row is skipped too
+    later = now + timedelta(seconds=5)
+    rest = await store.claim_deliveries("we_a", later, later + timedelta(seconds=30), "three", 10)
+    # ids[1] is still leased by "two"; due earlier (now) comes before due later (retry_at)
+    assert [c.event_id for c in rest] == [ids[2], ids[3], ids[0]]
+    assert [c.attempts for c in rest] == [0, 0, 1]
+    assert await store.claim_deliveries("we_a", later, later, "four", 10) == []
+
+
+async def test_outbox_results_finished_together_each_count_once_and_a_failing_one_fails_alone(
+    backend: Backend, store: PaymentStore
+) -> None:
+    from router.store.base import DeliveryUpdate
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    now = T0 + timedelta(hours=1)
+    await _fanned_out(store, 30, now, ("we_a", "we_b"))
+    claims = [c for ep in ("we_a", "we_b")
+              for c in await store.claim_deliveries(ep, now, now + timedelta(seconds=30), "one", 100)]
+    assert len(claims) == 60
+    delivered = DeliveryUpdate(status="delivered", next_attempt_at=now)
+    bad, stale = claims[7], msgspec.structs.replace(claims[40], lease_owner="intruder")
+
+    def boom(_: Any) -> Any:
+        raise ValueError("a broken breaker decision")
+
+    results = await asyncio.gather(
+        *(store.finish_attempt(stale if c is claims[40] else c, _attempt_for(c, now), delivered,
+                               boom if c is bad else (lambda e: e), now) for c in claims),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[7], ValueError)
+    assert results[40] is None  # not the lease holder: nothing written
+    assert all(isinstance(r, tuple) for i, r in enumerate(results) if i not in (7, 40))
+    rows = await backend.query(
+        "SELECT event_id, endpoint_id, status, attempts FROM webhook_deliveries ORDER BY event_id, endpoint_id"
+    )
+    undone = {(bad.event_id, bad.endpoint_id), (claims[40].event_id, claims[40].endpoint_id)}
+    for eid, ep, status, attempts in rows:
+        assert (status, attempts) == (("pending", 0) if (eid, ep) in undone else ("delivered", 1)), (eid, ep)
+    assert (await backend.query("SELECT count(*) FROM webhook_attempts"))[0][0] == 58
+    # an event counts as delivered once every endpoint has it; attempts count over endpoints
+    outbox = dict((r[0], (r[1] is not None, r[2])) for r in await backend.query(
+        "SELECT id, delivered_at, attempts FROM outbox"))
+    assert outbox[bad.event_id] == (False, 1) and outbox[claims[40].event_id] == (False, 1)
+    assert sum(1 for done, n in outbox.values() if done and n == 2) == 28
+    if isinstance(store, SqliteStore):
+        assert store.outbox_stats.transactions < store.outbox_stats.writes  # they did go together
+
+
+async def test_outbox_breaker_sees_attempts_finished_together_one_after_another(
+    backend: Backend, store: PaymentStore
+) -> None:
+    from router.store.base import DeliveryUpdate, WebhookEndpointRow
+
+    await _outbox_ready(backend)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    now = T0 + timedelta(hours=1)
+    await _fanned_out(store, 12, now)
+    claims = await store.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 100)
+
+    def failed_once_more(e: WebhookEndpointRow) -> WebhookEndpointRow:
+        return msgspec.structs.replace(e, consecutive_failures=e.consecutive_failures + 1,
+                                       failing_since=e.failing_since or now)
+
+    retry = DeliveryUpdate(status="pending", next_attempt_at=now + timedelta(minutes=1))
+    results = await asyncio.gather(*(store.finish_attempt(c, _attempt_for(c, now, "failed", 500), retry,
+                                                          failed_once_more, now) for c in claims))
+    befores = sorted(r[0].consecutive_failures for r in results if r is not None)
+    assert befores == list(range(12))  # each decision saw the one before it, none was lost
+    [row] = await store.list_webhook_endpoints()
+    assert (row.consecutive_failures, row.failing_since) == (12, now)
+
+
 # --------------------------------------------------------------------------- ledger rows (router.money)
 # Ledger entries travel with the payment write: same transaction (PostgreSQL) / savepoint (SQLite).
 

@@ -316,6 +316,46 @@ async def test_an_awaited_write_survives_kill_9(db: Path) -> None:
         await store.close()
 
 
+async def test_webhook_results_finished_together_survive_kill_9(db: Path) -> None:
+    # Marks recorded in one group commit are durable once finish_attempt returns, like payment writes.
+    script = textwrap.dedent(f"""
+        import asyncio, os, signal
+        from datetime import datetime, timedelta, UTC
+        from router.model import OutboxEvent
+        from router.store.base import DeliveryUpdate, WebhookAttemptRow, WebhookEndpointRow
+        from router.store.sqlite import SqliteStore
+        from tests.router.test_store_sqlite import make_payment
+
+        async def main():
+            store = SqliteStore({str(db)!r})
+            await store.start()
+            now = datetime(2024, 5, 1, 13, tzinfo=UTC)
+            for i in range(50):
+                p = make_payment(i)
+                await store.insert_payment(p, [OutboxEvent(id=f"evt_{{i}}", merchant_id="m_1", payment_id=p.id,
+                                                           type="payment.created", payload=b"{{}}", created_at=now)])
+            await store.sync_webhook_endpoints([WebhookEndpointRow(id="we_a", merchant_id="m_1", url="http://x")], now)
+            await store.fan_out_events({{"m_1": ["we_a"]}}, now)
+            claims = await store.claim_deliveries("we_a", now, now + timedelta(seconds=60), "one", 100)
+            await asyncio.gather(*(store.finish_attempt(
+                c, WebhookAttemptRow(event_id=c.event_id, endpoint_id="we_a", attempt=1, started_at=now,
+                                     latency_ms=1.0, outcome="delivered", status_code=200),
+                DeliveryUpdate(status="delivered", next_attempt_at=now), lambda e: e, now) for c in claims))
+            print(store.outbox_stats.transactions, len(claims), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit, no flush
+
+        asyncio.run(main())
+    """)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=REPO, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == -9
+    assert out.split()[1] == b"50"
+
+    assert await query(db, "SELECT status, count(*) FROM webhook_deliveries GROUP BY status") == [("delivered", 50)]
+    assert (await query(db, "SELECT count(*) FROM webhook_attempts"))[0][0] == 50
+    assert (await query(db, "SELECT count(*) FROM outbox WHERE delivered_at IS NOT NULL"))[0][0] == 50
+
+
 async def test_fresh_db_gets_every_migration_and_a_restart_reapplies_none(db: Path) -> None:
     migrations = load_migrations()
     assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))

@@ -655,6 +655,62 @@ async def test_nothing_is_lost_across_a_dispatcher_restart(tmp_path: Path, recei
     assert sorted(rec.ids()) == sorted([*events, more])
 
 
+async def test_a_send_frees_its_slot_when_answered_and_results_waiting_to_be_recorded_are_bounded(
+    sqlite_store: SqliteStore, receiver: StartReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = await receiver()
+    concurrent = peak = 0
+
+    async def answer(hit: Hit) -> Reply:
+        nonlocal concurrent, peak
+        concurrent += 1
+        peak = max(peak, concurrent)
+        await asyncio.sleep(0.001)
+        concurrent -= 1
+        return (200, {}, b"ok")
+
+    rec.script = answer
+    ledger = Ledger(sqlite_store)
+    firsts = [await ledger.emit(f"pay_{i:02d}", "authorized") for i in range(20)]
+    seconds = [await ledger.emit(f"pay_{i:02d}", "captured") for i in range(20)]
+    gate, held = asyncio.Event(), 0
+    record = sqlite_store.finish_attempt
+
+    async def gated(*args: Any) -> Any:
+        nonlocal held
+        held += 1
+        await gate.wait()
+        return await record(*args)
+
+    monkeypatch.setattr(sqlite_store, "finish_attempt", gated)
+    ep = endpoint(rec.url)
+    s = msgspec.convert({**FAST, "poll_interval_s": 0.02, "concurrency_per_endpoint": 2, "max_in_flight": 6},
+                        WebhooksSettings)
+    d = WebhookDispatcher(sqlite_store, lambda: [ep], s, owner="one")
+    await d.start()
+    try:
+        for _ in range(500):
+            if held >= 12:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # no recording completes: the dispatcher must stop claiming
+        assert held == len(rec.hits) == 12  # sends + results waiting <= 2 x max_in_flight
+        assert peak <= 2  # answered sends freed their slots, yet never more than 2 at once
+        assert set(rec.ids()) <= set(firsts)  # a payment's next event waits for the first's record
+        gate.set()
+        for _ in range(500):
+            if len(await sqlite_store.list_webhook_deliveries(status="delivered", limit=100)) == 40:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        gate.set()
+        await d.aclose()
+    assert sorted(rec.ids()) == sorted(firsts + seconds)  # each exactly once
+    assert peak <= 2
+    for first, second in zip(firsts, seconds, strict=True):
+        assert rec.ids().index(first) < rec.ids().index(second)
+
+
 # --------------------------------------------------------------------------- PostgreSQL: two dispatchers
 
 
