@@ -15,6 +15,10 @@ Contract (on top of `router.store.base`, with the same semantics as `SqliteStore
   timeout, shutdown, too many connections) is raised as `StoreUnavailable`, from every method. A
   write that raises it may or may not have committed (the connection can drop during COMMIT): read
   the payment back before deciding; re-inserting is safe, it answers `DuplicateOrder`.
+- Webhook attempt results (`finish_attempt`) that arrive while others are being written are written
+  together in one transaction, set-based, lease checks included (the payment writes above stay one
+  transaction each). A group that fails for any reason but an unreachable database is rolled back and
+  its results written one transaction each, so one bad result fails alone.
 - The schema comes from the numbered files in `migrations/postgres/`, applied in order inside one
   transaction under `pg_advisory_xact_lock`, so instances starting together apply each one once;
   they are recorded in `schema_migrations (version, name, applied_at)`. A database that records a
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -153,6 +158,8 @@ class PostgresStore:
         self._migrations = list(migrations) if migrations is not None else load_migrations()
         self._state = "new"  # new -> running -> closed
         self._pool: Any = None  # asyncpg.Pool (asyncpg ships no type information)
+        self._finishing: list[tuple[_PgFinish, asyncio.Future[_Finished]]] = []
+        self._finisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -343,7 +350,8 @@ class PostgresStore:
     # ------------------------------------------------------------------ webhook outbox (OutboxStore)
 
     async def sync_webhook_endpoints(self, endpoints: Sequence[WebhookEndpointRow], now: datetime) -> None:
-        rows = [(e.id, e.merchant_id, e.url, _ts(now)) for e in endpoints]
+        # in id order, like the endpoint locks of a group of attempt results: no lock-order deadlock
+        rows = sorted((e.id, e.merchant_id, e.url, _ts(now)) for e in endpoints)
         if not rows:
             return
         async with self._connection() as conn:
@@ -456,6 +464,44 @@ class PostgresStore:
         self, claim: DeliveryClaim, attempt: WebhookAttemptRow, update: DeliveryUpdate,
         decide: EndpointDecision, now: datetime,
     ) -> tuple[WebhookEndpointRow, WebhookEndpointRow] | None:
+        if self._state != "running":
+            raise RuntimeError(f"PostgresStore is {self._state}")
+        f = _PgFinish(claim, attempt, update, decide, _ts(now), _ts(update.next_attempt_at), _ts(attempt.started_at))
+        future: asyncio.Future[_Finished] = asyncio.get_running_loop().create_future()
+        self._finishing.append((f, future))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._finish_queued())
+        return await future
+
+    async def _finish_queued(self) -> None:
+        # One writer of results: whatever queued up while a group was being written goes next, together.
+        while self._finishing:
+            group, self._finishing = self._finishing[:_FINISH_GROUP_MAX], self._finishing[_FINISH_GROUP_MAX:]
+            outcomes: list[tuple[BaseException | None, _Finished]]
+            try:
+                keys = {(f.claim.event_id, f.claim.endpoint_id) for f, _ in group}
+                if len(group) == 1 or len(keys) < len(group):
+                    raise _OneByOne
+                outcomes = [(None, r) for r in await self._finish_many([f for f, _ in group])]
+            except StoreUnavailable as exc:
+                outcomes = [(exc, None)] * len(group)
+            except Exception:  # noqa: BLE001 - the group is rolled back; each result is written alone below
+                outcomes = []
+                for f, _ in group:
+                    try:
+                        outcomes.append((None, await self._finish_one(f)))
+                    except Exception as exc:  # noqa: BLE001 - handed to that result's caller
+                        outcomes.append((exc, None))
+            for (_, future), (failure, result) in zip(group, outcomes, strict=True):
+                if future.done():  # the caller was cancelled; its result was written (or not) regardless
+                    continue
+                if failure is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(failure)
+
+    async def _finish_one(self, f: _PgFinish) -> _Finished:
+        claim, attempt, update = f.claim, f.attempt, f.update
         async with self._connection() as conn, conn.transaction():
             held = await conn.fetchval(
                 "SELECT 1 FROM webhook_deliveries WHERE event_id = $1 AND endpoint_id = $2 AND status = 'pending' "
@@ -467,7 +513,7 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
                 "status_code, error, response_snippet) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
-                attempt.event_id, attempt.endpoint_id, attempt.attempt, _ts(attempt.started_at), attempt.latency_ms,
+                attempt.event_id, attempt.endpoint_id, attempt.attempt, f.started_at, attempt.latency_ms,
                 attempt.outcome, attempt.status_code, attempt.error, attempt.response_snippet,
             )
             await conn.execute(
@@ -476,7 +522,7 @@ class PostgresStore:
                 "delivered_at = CASE WHEN $1 = 'delivered' THEN $3 ELSE delivered_at END, "
                 "dead_at = CASE WHEN $1 = 'dead' THEN $3 ELSE dead_at END, last_status_code = $4, last_error = $5 "
                 "WHERE event_id = $6 AND endpoint_id = $7",
-                update.status, _ts(update.next_attempt_at), _ts(now), attempt.status_code, attempt.error,
+                update.status, f.next_at, f.now, attempt.status_code, attempt.error,
                 claim.event_id, claim.endpoint_id,
             )
             await conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = $1", claim.event_id)
@@ -484,17 +530,86 @@ class PostgresStore:
                 await conn.execute(
                     "UPDATE outbox SET delivered_at = $1 WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM "
                     "webhook_deliveries WHERE event_id = $2 AND status <> 'delivered')",
-                    _ts(now), claim.event_id,
+                    f.now, claim.event_id,
                 )
             row = await conn.fetchrow(
                 f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = $1 FOR UPDATE", claim.endpoint_id
             )
             before = _endpoint(row) if row is not None else WebhookEndpointRow(
                 id=claim.endpoint_id, merchant_id=claim.merchant_id, url="")
-            after = decide(before)
+            after = f.decide(before)
             if after != before:
-                await _write_endpoint(conn, msgspec.structs.replace(after, updated_at=now))
+                await _write_endpoint(conn, msgspec.structs.replace(after, updated_at=f.now))
             return before, after
+
+    async def _finish_many(self, fs: list[_PgFinish]) -> list[_Finished]:
+        """`_finish_one` over a group in one transaction and a handful of statements; same rows and
+        results as one by one (the breaker sees the attempts in order)."""
+        fs = sorted(fs, key=lambda f: (f.claim.endpoint_id, f.claim.event_id))  # lock order
+        async with self._connection() as conn, conn.transaction():
+            held = {
+                (r["event_id"], r["endpoint_id"]) for r in await conn.fetch(
+                    "UPDATE webhook_deliveries d SET status = u.status, attempts = d.attempts + 1, "
+                    "round_attempts = d.round_attempts + 1, next_attempt_at = u.next_at, locked_until = NULL, "
+                    "lease_owner = NULL, "
+                    "delivered_at = CASE WHEN u.status = 'delivered' THEN u.stamp ELSE d.delivered_at END, "
+                    "dead_at = CASE WHEN u.status = 'dead' THEN u.stamp ELSE d.dead_at END, "
+                    "last_status_code = u.code, last_error = u.error "
+                    "FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::timestamptz[], "
+                    "$7::timestamptz[], $8::int[], $9::text[]) "
+                    "AS u(event_id, endpoint_id, owner, attempts, status, next_at, stamp, code, error) "
+                    "WHERE d.event_id = u.event_id AND d.endpoint_id = u.endpoint_id AND d.status = 'pending' "
+                    "AND d.lease_owner = u.owner AND d.attempts = u.attempts "
+                    "RETURNING d.event_id, d.endpoint_id",
+                    [f.claim.event_id for f in fs], [f.claim.endpoint_id for f in fs],
+                    [f.claim.lease_owner for f in fs], [f.claim.attempts for f in fs],
+                    [f.update.status for f in fs], [f.next_at for f in fs], [f.now for f in fs],
+                    [f.attempt.status_code for f in fs], [f.attempt.error for f in fs],
+                )
+            }
+            done = [f for f in fs if (f.claim.event_id, f.claim.endpoint_id) in held]
+            if done:
+                a = [f.attempt for f in done]
+                await conn.execute(
+                    "INSERT INTO webhook_attempts (event_id, endpoint_id, attempt, started_at, latency_ms, outcome, "
+                    "status_code, error, response_snippet) SELECT * FROM unnest($1::text[], $2::text[], $3::int[], "
+                    "$4::timestamptz[], $5::float8[], $6::text[], $7::int[], $8::text[], $9::text[])",
+                    [x.event_id for x in a], [x.endpoint_id for x in a], [x.attempt for x in a],
+                    [f.started_at for f in done], [x.latency_ms for x in a], [x.outcome for x in a],
+                    [x.status_code for x in a], [x.error for x in a], [x.response_snippet for x in a],
+                )
+                # per event: how many attempts, and the instant of its last delivery in this group
+                per_event: dict[str, tuple[int, datetime | None]] = {}
+                for f in done:
+                    n, stamp = per_event.get(f.claim.event_id, (0, None))
+                    per_event[f.claim.event_id] = (n + 1, f.now if f.update.status == "delivered" else stamp)
+                events = sorted(per_event)
+                await conn.execute(
+                    "UPDATE outbox o SET attempts = o.attempts + u.n, delivered_at = CASE WHEN u.stamp IS NOT NULL "
+                    "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w WHERE w.event_id = o.id "
+                    "AND w.status <> 'delivered') THEN u.stamp ELSE o.delivered_at END "
+                    "FROM unnest($1::text[], $2::int[], $3::timestamptz[]) AS u(id, n, stamp) WHERE o.id = u.id",
+                    events, [per_event[e][0] for e in events], [per_event[e][1] for e in events],
+                )
+            rows = {
+                r["id"]: _endpoint(r) for r in await conn.fetch(
+                    f"SELECT {_ENDPOINT_COLS} FROM webhook_endpoints WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                    sorted({f.claim.endpoint_id for f in done}),
+                )
+            }
+            outcome: dict[int, _Finished] = {}
+            changed: set[str] = set()
+            for f in sorted(done, key=lambda f: f.seq):  # the breaker sees them in the order they came
+                eid = f.claim.endpoint_id
+                before = rows.get(eid) or WebhookEndpointRow(id=eid, merchant_id=f.claim.merchant_id, url="")
+                after = f.decide(before)
+                if after != before and eid in rows:
+                    rows[eid] = msgspec.structs.replace(after, updated_at=f.now)
+                    changed.add(eid)
+                outcome[f.seq] = (before, after)
+            for eid in sorted(changed):
+                await _write_endpoint(conn, rows[eid])
+        return [outcome.get(f.seq) for f in sorted(fs, key=lambda f: f.seq)]
 
     async def next_webhook_due(self, now: datetime) -> datetime | None:
         async with self._connection() as conn:
@@ -561,6 +676,27 @@ class PostgresStore:
 
 
 FAN_OUT_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+_FINISH_GROUP_MAX = 256
+_Finished = tuple[WebhookEndpointRow, WebhookEndpointRow] | None
+_finish_seq = itertools.count()
+
+
+class _OneByOne(Exception):
+    """A group of results that must be written one by one (a delivery twice in it)."""
+
+
+class _PgFinish:
+    """One queued `finish_attempt`, times checked on the caller; `seq` keeps the order they came in."""
+
+    __slots__ = ("attempt", "claim", "decide", "next_at", "now", "seq", "started_at", "update")
+
+    def __init__(
+        self, claim: DeliveryClaim, attempt: WebhookAttemptRow, update: DeliveryUpdate, decide: EndpointDecision,
+        now: datetime, next_at: datetime, started_at: datetime,
+    ) -> None:
+        self.claim, self.attempt, self.update, self.decide = claim, attempt, update, decide
+        self.now, self.next_at, self.started_at = now, next_at, started_at
+        self.seq = next(_finish_seq)
 _ENDPOINT_COLS = (
     "id, merchant_id, url, state, consecutive_failures, failing_since, paused_until, disabled_reason, updated_at"
 )

@@ -895,7 +895,10 @@ async def test_outbox_breaker_sees_attempts_finished_together_one_after_another(
     assert isinstance(store, SqliteStore | PostgresStore)
     now = T0 + timedelta(hours=1)
     await _fanned_out(store, 12, now)
-    claims = await store.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 100)
+    claims = await store.claim_deliveries("we_a", now, now + timedelta(seconds=30), "one", 11)
+    # the twelfth delivery was never claimed by this owner: its result must change nothing
+    claims.append(msgspec.structs.replace(claims[0], event_id="evt_pay_00012_created", payment_id="pay_00012",
+                                          lease_owner="intruder"))
 
     def failed_once_more(e: WebhookEndpointRow) -> WebhookEndpointRow:
         return msgspec.structs.replace(e, consecutive_failures=e.consecutive_failures + 1,
@@ -904,10 +907,13 @@ async def test_outbox_breaker_sees_attempts_finished_together_one_after_another(
     retry = DeliveryUpdate(status="pending", next_attempt_at=now + timedelta(minutes=1))
     results = await asyncio.gather(*(store.finish_attempt(c, _attempt_for(c, now, "failed", 500), retry,
                                                           failed_once_more, now) for c in claims))
+    assert results[-1] is None
     befores = sorted(r[0].consecutive_failures for r in results if r is not None)
-    assert befores == list(range(12))  # each decision saw the one before it, none was lost
+    assert befores == list(range(11))  # each decision saw the one before it, none was lost
     [row] = await store.list_webhook_endpoints()
-    assert (row.consecutive_failures, row.failing_since) == (12, now)
+    assert (row.consecutive_failures, row.failing_since) == (11, now)
+    rows = await backend.query("SELECT event_id, attempts FROM webhook_deliveries WHERE attempts > 0")
+    assert len(rows) == 11 and "evt_pay_00012_created" not in {r[0] for r in rows}
 
 
 # --------------------------------------------------------------------------- ledger rows (router.money)
