@@ -1,21 +1,35 @@
 """Success-rate ranker over live, in-memory, non-stationary statistics.
 
 `SuccessStats` keeps, per (channel, key), two discounted success/failure counts: a fast one (short
-half-life) and a slow one (long half-life) used for ranking. Counts decay by event (each new event on a
-key multiplies the old counts by 0.5 ** (1 / half_life_events)) and by time (0.5 ** (dt / half_life_s)
-between events). Change detection: when the fast and slow means diverge by more than `change_threshold`
-(with enough fast evidence), the slow counts are reset to the fast ones, so a channel that degrades
-(or recovers) is re-ranked within tens of events without spending traffic on exploration.
+half-life) and a slow one (long half-life) behind the ranking estimate. Counts decay by event (each new
+event on a key multiplies the old counts by 0.5 ** (1 / half_life_events)) and by time (0.5 ** (dt /
+half_life_s) between events). What rankers read, per key:
+
+- the rate now: a discounted least-squares line through the slow window's outcomes over their ages,
+  read at age 0, its slope shrunk to 0 unless significant (`trend`), so a steady rate reads as the
+  plain discounted mean and a real drift is followed without the mean's lag of about one half-life;
+- change detection (Page-Hinkley on each event's residual against the slow mean, one detector per
+  channel by default): an alarm restarts the slow window of the channel and all its keys from their
+  fast windows, so a step of a few points re-ranks within hundreds of events, not thousands;
+- outage detection: a failure run implausible at the key's rate is an outage, not declines: its
+  failures are taken back out and the channel ranks last until `outage_hold_s` after the last one;
+- staleness: a (channel, key)'s evidence also halves every `stale_half_life_events` events of the key
+  on other channels, so a channel left alone is trusted less and its optimism bonus grows until it is
+  tried again (what gets a key out of an early, unlucky lock-in on the wrong channel);
+- pending outcomes (`expect`): under delayed feedback, outcomes on their way count as evidence in the
+  optimism bonus, so a little-known channel is not sent a whole delay's worth of payments blind.
 
 Keys are `dimension_key(dimension, ctx)`: "" for the whole channel, "currency:EUR", "bin6:424242"...
 `record_outcome` records one outcome under every dimension at once, so any ranker config can read it.
-An estimate is Beta-smoothed: `min_samples` pseudo-counts at the channel-wide rate (itself smoothed
-towards `prior`), so a sparse key starts from what the channel does overall.
+An estimate is shrunk hierarchically: the channel-wide rate towards `prior` with `min_samples`
+pseudo-events, a key's rate towards that channel-wide rate with `key_samples` pseudo-events, so a
+sparse key reads as the channel and a well-known one as itself.
 
 Contract for callers of `record`/`record_outcome`: only outcomes the channel caused count. Pass
 success=True for approved; False for soft declines, unavailable and unknown; do NOT record hard declines
 (the card's fault) nor pending / requires-action until they resolve. `counts_for_channel` encodes this.
-Delayed feedback needs nothing special: record when the outcome becomes known.
+Delayed feedback: record when the outcome becomes known; optionally `expect` it when the attempt is
+made (and `settle` it if it will never count), which only tempers exploration.
 
 `snapshot()`/`merge()` let instances share counts (e.g. through Redis) later: a peer's snapshot replaces
 that peer's previous one, so repeated merges never double count. Policies only read these stats.
@@ -91,6 +105,10 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     change_delta: float = 0.01
     change_threshold: float = 8.0
     change_min_events: float = 40.0  # slow evidence needed before residuals accumulate
+    # "channel": one detector per channel (its channel-wide counts); an alarm restarts every key of the
+    # channel. "key": one detector per (channel, key). Every detector raises false alarms at its own
+    # rate, and a restart after a false alarm costs (it restarts from an unluckily bad recent window).
+    change_scope: Literal["channel", "key"] = "channel"
     # Outage detection: a run of consecutive failures that is implausible at the key's rate
     # (probability < outage_p) is an outage, not a decline: those failures are taken back out of the
     # approval counts and the channel is ranked last until `outage_hold_s` after its last failure.
@@ -99,7 +117,7 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     outage_hold_s: float = 10.0
     # Trend following: rank by a discounted least-squares line's value now instead of the lagging mean.
     trend: bool = True
-    trend_slope_var: float = 4.0  # k: a slope with t^2 < k is taken as flat; above, shrunk by k / t^2
+    trend_min_t2: float = 4.0  # k: a slope with t^2 <= k reads as flat; above, it is shrunk by k / t^2
 
 
 class Cell(msgspec.Struct, kw_only=True, array_like=True):
@@ -141,21 +159,23 @@ class SuccessStats:
     """In-memory success statistics. Single-threaded (one event loop); policies only read."""
 
     _SEEN_LIMIT = 4096
+    _EXPECTED_LIMIT = 100_000
 
     def __init__(self, config: StatsConfig | None = None) -> None:
         self.config = c = config or StatsConfig()
         self._fast = 0.5 ** (1.0 / c.fast_half_life_events)
         self._slow = 0.5 ** (1.0 / c.slow_half_life_events)
         self._log_outage_p = math.log(c.outage_p)
-        # variance of a discounted least-squares slope, relative to p(1-p)/sum(w (a - abar)^2): the
-        # discounted weights enter squared, which for lambda near 1 is about (1 - lambda) * 1.5 * H
-        self._slope_var = c.trend_slope_var
+        self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
         self._local: dict[tuple[str, str], Cell] = {}
         self._watch: dict[tuple[str, str], _Watch] = {}
+        self._keys: dict[str, list[str]] = {}  # channel -> its keys other than ""
         self._key_events: dict[str, int] = {}  # key -> events recorded under it, over all channels
         self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
         self._peers: dict[str, Snapshot] = {}
         self._remote: dict[tuple[str, str], tuple[float, float]] = {}  # summed slow (s, f) of all peers
+        self._expected: dict[str, tuple[str, tuple[str, ...]]] = {}  # payment id -> (channel, keys)
+        self._pending: dict[tuple[str, str], int] = {}  # (channel, key) -> expected outcomes
         self._seen: dict[str, None] = {}  # recent payment ids with a recorded outcome, oldest first
         self.now = -math.inf  # the latest event time seen: "now" for reads, which take no clock
 
@@ -167,6 +187,8 @@ class SuccessStats:
         cell = self._local.get(ck)
         if cell is None:
             cell = self._local[ck] = Cell()
+            if key:
+                self._keys.setdefault(channel, []).append(key)
             w = self._watch[ck] = _Watch()
         else:
             w = self._watch.get(ck) or self._watch.setdefault(ck, _Watch())
@@ -220,11 +242,14 @@ class SuccessStats:
         cell.ss = cell.ss * ds + hit
         cell.sf = cell.sf * ds + (1.0 - hit)
         cell.t = now if cell.t is None else max(cell.t, now)
-        if c.change_detection and n_slow >= c.change_min_events:
+        if c.change_detection and n_slow >= c.change_min_events and (key == "" or c.change_scope == "key"):
             w.gp = max(0.0, w.gp + hit - mean - c.change_delta)
             w.gn = max(0.0, w.gn + mean - hit - c.change_delta)
             if w.gp > c.change_threshold or w.gn > c.change_threshold:
                 self._restart(cell, w)
+                if c.change_scope == "channel":
+                    for other in self._keys.get(channel, ()):
+                        self._restart(self._local[(channel, other)], self._watch[(channel, other)])
         w.p = self._predict(cell.ss, cell.sf, w)
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
@@ -241,12 +266,14 @@ class SuccessStats:
         w.a2 = n * (age * age + age / (1.0 - mu))
         w.y1 = cell.ss * age
         w.gp = w.gn = 0.0
+        w.p = self._predict(cell.ss, cell.sf, w)
 
     def _predict(self, s: float, f: float, w: _Watch) -> float:
         """The trend-following estimate now: a weighted least-squares line through the discounted
         outcomes over their ages, read at age 0. Its slope is shrunk towards 0 by its own noise
-        (slope * max(0, 1 - k / t^2), t its t-statistic, k = `trend_slope_var`), so a flat rate reads as the plain discounted mean
-        and a real drift is followed without the mean's lag of about one half-life."""
+        (slope * max(0, 1 - k / t^2), t its t-statistic, k = `trend_min_t2`, positive-part James-Stein),
+        so a flat rate reads as the plain discounted mean and a real drift is followed without the
+        mean's lag of about one half-life."""
         n = s + f
         if n <= 0.0:
             return -1.0
@@ -259,11 +286,11 @@ class SuccessStats:
             return mean
         d = (w.y1 - abar * s) / saa  # change of the rate per event of age (negative: rising)
         m = 0.01 if mean < 0.01 else 0.99 if mean > 0.99 else mean
-        var_d = self._slope_var * m * (1.0 - m) / saa
+        k_var_d = self._trend_min_t2 * m * (1.0 - m) / saa  # k * the slope's variance
         dd = d * d
-        if dd <= var_d:  # not significant (positive-part James-Stein shrinkage of the slope)
+        if dd <= k_var_d:  # t^2 <= k: flat
             return mean
-        p = mean - d * (1.0 - var_d / dd) * abar
+        p = mean - d * (1.0 - k_var_d / dd) * abar
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def record_outcome(
@@ -281,8 +308,42 @@ class SuccessStats:
             self._seen[pid] = None
             if len(self._seen) > self._SEEN_LIMIT:
                 del self._seen[next(iter(self._seen))]
+        if self._expected:
+            self.settle(ctx)
         for key in keys:
             self.record(channel, key, success, now, first)
+
+    def expect(self, channel: str, ctx: RouteContext, dimensions: Iterable[Dimension] = DIMENSIONS) -> None:
+        """An outcome of this payment at this channel will be learnt later (delayed feedback: pending
+        wallet payments, late webhooks). Until `record_outcome` (or `settle`) for the payment, it counts
+        as evidence on its way in the optimism bonus, so a little-known channel is not sent a whole
+        delay's worth of traffic before its first outcome arrives."""
+        pid = ctx.payment_id
+        if pid in self._expected:
+            return
+        keys = tuple({""} | {dimension_key(d, ctx) for d in dimensions})
+        self._expected[pid] = (channel, keys)
+        pending = self._pending
+        for key in keys:
+            pending[(channel, key)] = pending.get((channel, key), 0) + 1
+        if len(self._expected) > self._EXPECTED_LIMIT:  # never settled: stop counting the oldest
+            self.settle_id(next(iter(self._expected)))
+
+    def settle(self, ctx: RouteContext) -> None:
+        """The payment's expected outcome arrived or will not count (e.g. a hard decline)."""
+        self.settle_id(ctx.payment_id)
+
+    def settle_id(self, payment_id: str) -> None:
+        found = self._expected.pop(payment_id, None)
+        if found is not None:
+            channel, keys = found
+            pending = self._pending
+            for key in keys:
+                left = pending[(channel, key)] - 1
+                if left:
+                    pending[(channel, key)] = left
+                else:
+                    del pending[(channel, key)]
 
     def counts(self, channel: str, key: str) -> tuple[float, float]:
         """Discounted (successes, failures) behind the ranking estimate: local plus merged peers."""
@@ -354,11 +415,14 @@ class SuccessStats:
         key_samples: float | None = None,
     ) -> float:
         """What rankers order by: the estimate plus an optimism bonus `optimism * sd` that shrinks as the
-        key's evidence n grows (sd = sqrt(p(1-p)/(n+1)), n discounted for staleness), so a little-tried
+        key's evidence n grows (sd = sqrt(p(1-p)/(n+1)), n discounted for staleness, plus the expected
+        outcomes on their way), so a little-tried
         channel gets tried, a well-known loser does not, and one left alone for long is tried again;
         minus 1 while the channel looks down (an outage ranks it last)."""
         p, n = self._estimate(channel, key, prior, min_samples, key_samples)
         if optimism > 0.0:
+            if self._pending:
+                n += self._pending.get((channel, key), 0)
             p += optimism * math.sqrt(p * (1.0 - p) / (n + 1.0))
         if self._watch and self.is_down(channel):
             p -= 1.0

@@ -9,7 +9,8 @@ Strategies:
 - a chain (`Scenario.strategies`): built by `policies.registry.build` and run by `policies.base.Chain`,
   as production does, over `Candidate`s whose `breaker_open` reflects a simulated breaker (opens after
   `fail_max` consecutive unavailable/unknown, half-open probe after `reset_timeout_s`); a live
-  `SuccessStats` learns from outcomes through `counts_for_channel` / `record_outcome`, as the pipeline.
+  `SuccessStats` learns from outcomes through `counts_for_channel` / `record_outcome`, as the pipeline;
+  with delayed feedback, `SuccessStats.expect` marks each outcome on its way (the pending count).
 - `static`: capability and licence filters, then one fixed priority order, no breaker filter (the
   pipeline's breaker gate still skips an open channel at attempt time, for every strategy): by default the
   order with the best expected value in hindsight over this world (`static: hindsight`), or the
@@ -397,6 +398,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
                 if delay_tx or delay_s:
                     reveal = float(i + delay_tx) if delay_tx else t + delay_s
                     heapq.heappush(pending, (reveal, next(seq), cand.name, tx.ctx, verdict))
+                    stats.expect(cand.name, tx.ctx)  # the router knows what it sent and awaits
                 else:
                     stats.record_outcome(cand.name, tx.ctx, verdict, t)
             if ok:

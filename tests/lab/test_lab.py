@@ -65,7 +65,7 @@ def test_scenario_errors_carry_paths(patch: dict[str, Any], path: str) -> None:
 
 def test_shipped_scenarios_load_and_share_one_routing_config() -> None:
     files = sorted((ROOT / "config" / "lab").glob("*.yaml"))
-    assert len(files) == 7
+    assert len(files) == 8  # the seven of issue 4 plus degrade-delayed (feedback 1,000 tx late)
     chains = {json.dumps([msgspec.to_builtins(s) for s in load_scenario_file(f).strategies]) for f in files}
     assert len(chains) == 1
 

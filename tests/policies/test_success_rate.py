@@ -375,3 +375,46 @@ def test_key_samples_pull_a_segment_towards_the_channel() -> None:
     # the ranker's param reaches the stats
     r = ranker(stats, dimension="country", key_samples=1e12, min_samples=0.0)
     assert r.scores(ctx(country="FR"), (A,))["a"] == pytest.approx(wide)
+
+
+def test_expected_outcomes_count_as_evidence_on_their_way() -> None:
+    """Delayed feedback: outcomes already sent for shrink a channel's optimism bonus until they arrive,
+    so a little-known channel is not sent a whole delay's worth of payments before its first outcome."""
+    stats = sr.SuccessStats()
+    feed(stats, "a", rate_pattern(0.90, 2000))
+    r = ranker(stats, optimism=1.0)
+    assert names(r(ctx("x"), (A, B)))[0] == "b"  # b is unknown: tried
+    sent = 0
+    while names(r(ctx(f"w{sent}"), (A, B)))[0] == "b":
+        stats.expect("b", ctx(f"w{sent}"))
+        sent += 1
+    assert 0 < sent < 300  # without the pending count b would get every payment until outcomes arrive
+    before = stats.score("b", "", 0.8, 20, 1.0)
+    for i in range(sent):  # the outcomes arrive: the pending count goes, the evidence stays
+        stats.record_outcome("b", ctx(f"w{i}"), True, 3000.0 + i)
+    assert stats._pending == {} and stats._expected == {}
+    assert stats.counts("b", "")[0] == pytest.approx(sent, rel=0.01)
+    assert stats.score("b", "", 0.8, 20, 1.0) != before
+    stats.expect("a", ctx("hard"))
+    stats.settle(ctx("hard"))  # e.g. a hard decline: never recorded, no longer pending
+    assert stats._pending == {}
+
+
+def step_in_two_countries(scope: str) -> tuple[dict[str, float], dict[str, float], float]:
+    """92 % for 3000 payments (DE twice as many as FR), then 75 % for 60: (evidence before, after, FR rate)."""
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, change_scope=scope))  # type: ignore[arg-type]
+    for i, ch in enumerate(rate_pattern(0.92, 3000)):
+        stats.record_outcome("a", ctx(f"p{i}", country="DE" if i % 3 else "FR"), ch == "1", float(i))
+    before = {k: sum(stats.counts("a", k)) for k in ("", "country:DE", "country:FR")}
+    for i, ch in enumerate(rate_pattern(0.75, 60)):
+        stats.record_outcome("a", ctx(f"q{i}", country="DE" if i % 3 else "FR"), ch == "1", 3000.0 + i)
+    after = {k: sum(stats.counts("a", k)) for k in before}
+    return before, after, stats.estimate("a", "country:FR", 0.5, 0)
+
+
+def test_a_channel_wide_change_restarts_every_key_of_the_channel() -> None:
+    before, after, fr = step_in_two_countries("channel")  # the default
+    assert all(after[k] < before[k] / 2 for k in before), (before, after)  # the sparse FR key restarted too
+    _, after_by_key, fr_by_key = step_in_two_countries("key")
+    assert after_by_key["country:FR"] > before["country:FR"] / 2  # 20 FR events: too few for its own alarm
+    assert fr < fr_by_key - 0.01  # FR reads its recent window, not 1000 events of the old rate
