@@ -140,9 +140,10 @@ class _Watch:
     counts (a1 = sum w*age, a2 = sum w*age^2, y1 = sum w*age*success, ages in the key's own events) and
     the trend-following prediction derived from them at the last event."""
 
-    __slots__ = ("gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen")
+    __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen")
 
-    def __init__(self) -> None:
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
         self.gp = 0.0
         self.gn = 0.0
         self.run = 0
@@ -189,9 +190,9 @@ class SuccessStats:
             cell = self._local[ck] = Cell()
             if key:
                 self._keys.setdefault(channel, []).append(key)
-            w = self._watch[ck] = _Watch()
+            w = self._watch[ck] = _Watch(cell)
         else:
-            w = self._watch.get(ck) or self._watch.setdefault(ck, _Watch())
+            w = self._watch.get(ck) or self._watch.setdefault(ck, _Watch(cell))
         if now > self.now:
             self.now = now
         if not approval:
@@ -358,27 +359,22 @@ class SuccessStats:
     def rate(self, channel: str, key: str) -> tuple[float, float, float]:
         """(current rate, evidence n, n discounted for staleness) of one key: the local trend-following
         prediction pooled with the merged peers' discounted counts by weight; zeros without any data."""
-        ck = (channel, key)
-        cell = self._local.get(ck)
-        n_fresh = 1.0
-        if cell is None:
-            n_local = p_local = 0.0
+        w = self._watch.get((channel, key))
+        if w is None:
+            n_local = p_local = n_fresh = 0.0
         else:
-            n_local = cell.ss + cell.sf
-            w = self._watch.get(ck)
-            if w is None:
-                p_local = cell.ss / n_local if n_local > 0 else 0.0
-            else:
-                p_local = w.p if w.p >= 0.0 else (cell.ss / n_local if n_local > 0 else 0.0)
-                if w.seen:
-                    stale = self._key_events[key] - w.seen
-                    if stale > 0:
-                        n_fresh = self._stale ** stale
+            cell = w.cell
+            n_local = n_fresh = cell.ss + cell.sf
+            p_local = w.p if w.p >= 0.0 else (cell.ss / n_local if n_local > 0 else 0.0)
+            if w.seen:
+                stale = self._key_events[key] - w.seen
+                if stale > 0:
+                    n_fresh *= self._stale ** stale
         if self._remote:
-            rs, rf = self._remote.get(ck, (0.0, 0.0))
+            rs, rf = self._remote.get((channel, key), (0.0, 0.0))
             n = n_local + rs + rf
-            return ((p_local * n_local + rs) / n if n > 0 else 0.0), n, n - n_local * (1.0 - n_fresh)
-        return p_local, n_local, n_local * n_fresh
+            return ((p_local * n_local + rs) / n if n > 0 else 0.0), n, n_fresh + rs + rf
+        return p_local, n_local, n_fresh
 
     def is_down(self, channel: str) -> bool:
         """The channel's latest failures form an outage-like run, the last one under `outage_hold_s` ago."""
@@ -416,17 +412,51 @@ class SuccessStats:
     ) -> float:
         """What rankers order by: the estimate plus an optimism bonus `optimism * sd` that shrinks as the
         key's evidence n grows (sd = sqrt(p(1-p)/(n+1)), n discounted for staleness, plus the expected
-        outcomes on their way), so a little-tried
-        channel gets tried, a well-known loser does not, and one left alone for long is tried again;
-        minus 1 while the channel looks down (an outage ranks it last)."""
-        p, n = self._estimate(channel, key, prior, min_samples, key_samples)
+        outcomes on their way), so a little-tried channel gets tried, a well-known loser does not, and
+        one left alone for long is tried again; minus 1 while the channel looks down (an outage ranks it
+        last). The hot path of every decision: `_estimate` and `is_down` inlined for local-only stats."""
+        if self._remote:
+            p, n = self._estimate(channel, key, prior, min_samples, key_samples)
+            down = self.is_down(channel)
+        else:
+            watch = self._watch
+            w = watch.get((channel, ""))
+            down = False
+            if w is None:
+                p = prior
+                n = 0.0
+            else:
+                cell = w.cell
+                n = cell.ss + cell.sf
+                rate = w.p if w.p >= 0.0 else (cell.ss / n if n > 0 else 0.0)
+                p = (rate * n + prior * min_samples) / (n + min_samples) if n + min_samples > 0 else prior
+                if w.seen:
+                    stale = self._key_events[""] - w.seen
+                    if stale > 0:
+                        n *= self._stale ** stale
+                if w.run and w.run >= w.k and cell.t is not None:
+                    down = self.now - cell.t < self.config.outage_hold_s
+            if key:
+                wk = watch.get((channel, key))
+                if wk is None:
+                    n = 0.0
+                else:
+                    cell = wk.cell
+                    nk = cell.ss + cell.sf
+                    if nk > 0.0:
+                        rate = wk.p if wk.p >= 0.0 else cell.ss / nk
+                        if wk.seen:
+                            stale = self._key_events[key] - wk.seen
+                            if stale > 0:
+                                nk *= self._stale ** stale
+                        m = min_samples if key_samples is None else key_samples
+                        p = (rate * nk + p * m) / (nk + m)
+                    n = nk
         if optimism > 0.0:
             if self._pending:
                 n += self._pending.get((channel, key), 0)
             p += optimism * math.sqrt(p * (1.0 - p) / (n + 1.0))
-        if self._watch and self.is_down(channel):
-            p -= 1.0
-        return p
+        return p - 1.0 if down else p
 
     def snapshot(self) -> Snapshot:
         """This instance's own counts (not the peers'), to publish."""

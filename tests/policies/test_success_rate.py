@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -418,3 +419,31 @@ def test_a_channel_wide_change_restarts_every_key_of_the_channel() -> None:
     _, after_by_key, fr_by_key = step_in_two_countries("key")
     assert after_by_key["country:FR"] > before["country:FR"] / 2  # 20 FR events: too few for its own alarm
     assert fr < fr_by_key - 0.01  # FR reads its recent window, not 1000 events of the old rate
+
+
+EVENTS = st.lists(
+    st.tuples(st.sampled_from("ab"), st.sampled_from(["DE", "FR", None]), st.booleans(), st.floats(0, 30)),
+    max_size=200,
+)
+
+
+@given(EVENTS, st.floats(0, 2), st.sampled_from([None, 0.0, 50.0]), st.floats(0, 50))
+def test_the_inlined_score_agrees_with_estimate_and_is_down(
+    events: list[tuple[str, str | None, bool, float]], optimism: float, key_samples: float | None, min_samples: float,
+) -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(stale_half_life_events=50.0, outage_hold_s=5.0))
+    t = 0.0
+    for i, (channel, country, ok, dt) in enumerate(events):
+        t += dt
+        if country is None:
+            stats.expect(channel, ctx(f"p{i}"))  # an outcome on its way
+        else:
+            stats.record_outcome(channel, ctx(f"p{i}", country=country), ok, t)
+    for channel in "abc":
+        for key in ("", "country:DE", "country:FR", "country:IT"):
+            est, n = stats._estimate(channel, key, 0.8, min_samples, key_samples)
+            assert est == pytest.approx(stats.estimate(channel, key, 0.8, min_samples, key_samples))
+            n += stats._pending.get((channel, key), 0) if optimism > 0 else 0
+            ref = est + (optimism * math.sqrt(est * (1 - est) / (n + 1)) if optimism > 0 else 0.0)
+            ref -= 1.0 if stats.is_down(channel) else 0.0
+            assert stats.score(channel, key, 0.8, min_samples, optimism, key_samples) == pytest.approx(ref)
