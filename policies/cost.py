@@ -135,6 +135,8 @@ class CostRanker:
         self.optimism = optimism
         self.key_samples = key_samples
         self._decoded: dict[int, tuple[Any, Fees]] = {}  # id(raw) -> (raw, decoded); raw kept alive
+        # (id(raw), currency) -> (raw, schedule or None): the decision path's one lookup per candidate
+        self._schedules: dict[tuple[int, str], tuple[Any, Schedule | None]] = {}
 
     def _fees(self, raw: Any) -> Fees | None:
         if raw is None:
@@ -168,16 +170,35 @@ class CostRanker:
             )
         return p * (ctx.amount - f), f
 
+    def _schedule(self, raw: Any, currency: str) -> Schedule | None:
+        hit = self._schedules.get((id(raw), currency))
+        if hit is not None and hit[0] is raw:
+            return hit[1]
+        fees = self._fees(raw)
+        schedule = schedule_for(fees, currency) if fees is not None else None
+        if len(self._schedules) >= self._CACHE_LIMIT:
+            self._schedules.clear()
+        self._schedules[(id(raw), currency)] = (raw, schedule)
+        return schedule
+
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
+        # what `expected` computes, per candidate, with the lookups hoisted out of the loop
         key = dimension_key(self.dimension, ctx)
         priced: list[tuple[float, int, str, Candidate]] = []
         unpriced: list[Candidate] = []
+        amount, currency = ctx.amount, ctx.currency
+        volume = self.monthly_volume.get
+        stats = self.stats
+        score = stats.score if stats is not None else None
+        prior, ms, ks, opt = self.default_success, self.min_samples, self.key_samples, self.optimism
         for c in candidates:
-            ev = self.expected(ctx, c, key, self.optimism)
-            if ev is None:
+            schedule = self._schedule(c.fees, currency) if c.fees is not None else None
+            if schedule is None:
                 unpriced.append(c)
-            else:
-                priced.append((-ev[0], ev[1], c.name, c))
+                continue
+            f = fee(schedule, amount, currency, volume(c.name, 0))
+            p = score(c.name, key, prior, ms, opt, ks) if score is not None else prior
+            priced.append((-p * (amount - f), f, c.name, c))
         priced.sort(key=lambda t: t[:3])
         unpriced.sort(key=lambda c: (c.priority, c.name))
         ranked = [*(t[3] for t in priced), *unpriced]

@@ -397,7 +397,7 @@ class SuccessStats:
     ) -> tuple[float, float]:
         """(estimate, the staleness-discounted evidence behind it)."""
         p, n, n_fresh = self.rate(channel, "")
-        base = (p * n + prior * min_samples) / (n + min_samples) if n + min_samples > 0 else prior
+        base = (p * n + prior * min_samples) / (n + min_samples) if n > 0 else prior
         if key == "":
             return base, n_fresh
         p, n, n_fresh = self.rate(channel, key)
@@ -429,7 +429,7 @@ class SuccessStats:
                 cell = w.cell
                 n = cell.ss + cell.sf
                 rate = w.p if w.p >= 0.0 else (cell.ss / n if n > 0 else 0.0)
-                p = (rate * n + prior * min_samples) / (n + min_samples) if n + min_samples > 0 else prior
+                p = (rate * n + prior * min_samples) / (n + min_samples) if n > 0 else prior
                 if w.seen:
                     stale = self._key_events[""] - w.seen
                     if stale > 0:
