@@ -293,7 +293,9 @@ def _operation_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Respo
                 payment = await asyncio.shield(pipeline.void(merchant, pid))
             else:
                 payment = await asyncio.shield(pipeline.refund(merchant, pid, amount, body.get("reason")))
-            return payment_response(payment)
+            # 202: the channel has not told the outcome; the operation is recorded pending
+            pending = bool(payment.operations) and payment.operations[-1].status == "pending"
+            return payment_response(payment, 202 if pending else 200)
 
         return await idempotent(request, merchant, body, run)
 

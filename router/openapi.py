@@ -16,9 +16,13 @@ _errors = {
     "400": _resp("Invalid request (every bad field listed)", _problem, "application/problem+json"),
     "401": _resp("Missing or invalid API key", _problem, "application/problem+json"),
     "404": _resp("No such payment (or another merchant's)", _problem, "application/problem+json"),
-    "409": _resp("Illegal transition, duplicate order, or Idempotency-Key in use", _problem, "application/problem+json"),
+    "409": _resp("Illegal transition, duplicate order, an operation of the payment still pending with the channel "
+                 "(operation_pending), or Idempotency-Key in use", _problem, "application/problem+json"),
     "422": _resp("Idempotency-Key reused with different parameters", _problem, "application/problem+json"),
 }
+_pending_op = _resp("The channel has not told the outcome (a timeout after sending): the payment with the "
+                    "operation `pending`; it is settled later, and until then no other capture, void or refund "
+                    "of the payment is accepted", _payment)
 _idem = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}
 _pid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _amount_body = {
@@ -84,12 +88,13 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": _resp("The payment", _payment), **_errors}}},
         "/v1/payments/{id}/capture": {"post": {"summary": "Capture an authorized payment (partial allowed, once)",
             "parameters": [_pid, _idem], "requestBody": _amount_body,
-            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+            "responses": {"200": _resp("The payment", _payment), "202": _pending_op, **_errors}}},
         "/v1/payments/{id}/void": {"post": {"summary": "Void an authorized payment", "parameters": [_pid, _idem],
-            "responses": {"200": _resp("The payment", _payment), **_errors}}},
-        "/v1/payments/{id}/refunds": {"post": {"summary": "Refund a captured payment (partial and multiple allowed)",
+            "responses": {"200": _resp("The payment", _payment), "202": _pending_op, **_errors}}},
+        "/v1/payments/{id}/refunds": {"post": {
+            "summary": "Refund a captured payment (partial and multiple allowed, one at a time)",
             "parameters": [_pid, _idem], "requestBody": _amount_body,
-            "responses": {"200": _resp("The payment", _payment), **_errors}}},
+            "responses": {"200": _resp("The payment", _payment), "202": _pending_op, **_errors}}},
         "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
         "/readyz": {"get": {"security": [], "summary": "Readiness", "responses": {"200": {"description": "ready"},
                                                                                "503": {"description": "not ready"}}}},

@@ -76,6 +76,7 @@ from router.validation import currency_exponent
 
 log = logging.getLogger("payroute.pipeline")
 
+_RECORD_TRIES = 5  # re-reads of a payment changed between an operation's claim and its result
 _FINAL_FOR_METRICS = {Status.CAPTURED, Status.AUTHORIZED, Status.DECLINED, Status.FAILED, Status.PENDING, Status.REQUIRES_ACTION}
 
 
@@ -718,6 +719,7 @@ class Pipeline:
     async def capture(self, merchant_id: str, payment_id: str, amount: int | None) -> Payment:
         async with self._lock(payment_id):
             p = await self.get(merchant_id, payment_id)
+            _refuse_while_pending(p, ("capture", "void"))
             if not can_transition(p.status, Status.CAPTURED) or p.status is not Status.AUTHORIZED:
                 raise IllegalTransition(p.status.value, "capture")
             amt = p.amount if amount is None else amount
@@ -726,22 +728,24 @@ class Pipeline:
                     400, "invalid_request", "The request is invalid", "capture amount exceeds the authorized amount",
                     [FieldError("amount", "amount_exceeds_authorized", f"at most {p.amount} may be captured")],
                 )
-            op = await self._operation(p, "capture", amt, f"{p.id}-capture")
+            p, op = await self._operation(p, "capture", amt, f"{p.id}-capture")
             if op.status != "succeeded":
-                return await self._record_op(p, op, None)
-            return await self._record_op(p, op, Status.CAPTURED, captured_amount=amt)
+                return await self._record_op(p, op, _unchanged)
+            return await self._record_op(p, op, lambda cur: (Status.CAPTURED, {"captured_amount": amt}))
 
     async def void(self, merchant_id: str, payment_id: str) -> Payment:
         async with self._lock(payment_id):
             p = await self.get(merchant_id, payment_id)
+            _refuse_while_pending(p, ("capture", "void"))
             if not can_transition(p.status, Status.VOIDED):
                 raise IllegalTransition(p.status.value, "void")
-            op = await self._operation(p, "void", p.amount, f"{p.id}-void")
-            return await self._record_op(p, op, Status.VOIDED if op.status == "succeeded" else None)
+            p, op = await self._operation(p, "void", p.amount, f"{p.id}-void")
+            return await self._record_op(p, op, (lambda cur: (Status.VOIDED, {})) if op.status == "succeeded" else _unchanged)
 
     async def refund(self, merchant_id: str, payment_id: str, amount: int | None, reason: str | None) -> Payment:
         async with self._lock(payment_id):
             p = await self.get(merchant_id, payment_id)
+            _refuse_while_pending(p, ("capture", "void", "refund"))
             if p.status not in (Status.CAPTURED, Status.PARTIALLY_REFUNDED):
                 raise IllegalTransition(p.status.value, "refund")
             # pending refunds count as spent: an unknown outcome may have moved the money
@@ -754,17 +758,28 @@ class Pipeline:
                     [FieldError("amount", "amount_exceeds_refundable", f"at most {max(remaining, 0)} may be refunded")],
                 )
             n = sum(1 for o in p.operations if o.kind == "refund") + 1
-            op = await self._operation(p, "refund", amt, f"{p.id}-r{n}", reason)
+            p, op = await self._operation(p, "refund", amt, f"{p.id}-r{n}", reason)
             if op.status != "succeeded":
-                return await self._record_op(p, op, None)
-            refunded = p.refunded_amount + amt
-            status = Status.REFUNDED if refunded >= p.captured_amount else Status.PARTIALLY_REFUNDED
-            return await self._record_op(p, op, status, refunded_amount=refunded)
+                return await self._record_op(p, op, _unchanged)
+
+            def refunded(cur: Payment) -> tuple[Status | None, dict[str, int]]:
+                total = cur.refunded_amount + amt
+                return (Status.REFUNDED if total >= cur.captured_amount else Status.PARTIALLY_REFUNDED,
+                        {"refunded_amount": total})
+
+            return await self._record_op(p, op, refunded)
 
     def _lock(self, payment_id: str) -> _LockCtx:
         return _LockCtx(self._op_locks, payment_id)
 
-    async def _operation(self, p: Payment, kind: str, amount: int, key: str, reason: str | None = None) -> Operation:
+    async def _operation(
+        self, p: Payment, kind: str, amount: int, key: str, reason: str | None = None
+    ) -> tuple[Payment, Operation]:
+        """Claim the operation in the record, then ask the channel; returns (the payment as recorded with
+        the claim, the operation with the channel's verdict). The claim (the operation `pending`, the
+        version bumped) is committed before the channel hears of it: of two requests racing on two
+        instances only one gets past it, so the channel is asked at most once, and a crash after the
+        send leaves a pending operation in the record, never an unrecorded capture or refund."""
         rt = self._runtime()
         ch = rt.channels.get(p.channel or "")
         if ch is None or p.channel_reference is None:
@@ -779,6 +794,15 @@ class Pipeline:
             raise ProblemError(
                 409, "operation_not_supported", f"The channel {ch.name} cannot {kind} this payment", str(e)
             ) from None
+        claim = Operation(id=new_id(kind[:2] if kind != "refund" else "re"), kind=kind, amount=amount,
+                          status="pending", reason=reason)
+        claimed = msgspec.structs.replace(
+            p, operations=[*p.operations, claim], version=p.version + 1, updated_at=utcnow()
+        )
+        try:
+            await self.store.update_payment(claimed, p.version, [])
+        except VersionConflict:
+            raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry") from None
         deadline = self._clock() + rt.config.server.payment_deadline_ms / 1000
         status, code, ref = "failed", None, None
         try:
@@ -787,7 +811,10 @@ class Pipeline:
             code, ref = result.code, result.channel_reference
             status = "succeeded" if result.outcome is Outcome.APPROVED else "failed"
         except (BreakerOpen, ChannelUnavailable) as e:
+            # the channel did not process it: the claim ends failed, so a retry may claim again
             self.metrics.operations.labels(ch.name, kind, "unavailable").inc()
+            unsent = msgspec.structs.replace(claim, status="failed", code="channel_unavailable")
+            await self._record_op(claimed, unsent, _unchanged, quiet=True)
             raise ProblemError(
                 503, "channel_unavailable", f"The channel could not be reached to {kind}; nothing was changed",
                 extra={"retryable": True},
@@ -795,29 +822,62 @@ class Pipeline:
         except OutcomeUnknown as e:
             status, code = "pending", e.code
         self.metrics.operations.labels(ch.name, kind, status).inc()
-        return Operation(id=new_id(kind[:2] if kind != "refund" else "re"), kind=kind, amount=amount, status=status,
-                         channel_reference=ref, code=code, reason=reason)
+        return claimed, msgspec.structs.replace(claim, status=status, channel_reference=ref, code=code)
 
-    async def _record_op(self, p: Payment, op: Operation, status: Status | None, **changes: int) -> Payment:
-        new_status = status or p.status
-        if status is not None and not can_transition(p.status, status):
-            raise IllegalTransition(p.status.value, op.kind)
-        updated = msgspec.structs.replace(
-            p, status=new_status, operations=[*p.operations, op], version=p.version + 1, updated_at=utcnow(), **changes
-        )
-        kind = None if status is not None else f"{op.kind}.{op.status}"
-        try:
-            await self.store.update_payment(
-                updated, p.version, [event_for(updated, kind)], ledger=postings_for(p, updated, self.pricing)
+    async def _record_op(
+        self, p: Payment, op: Operation, decide: Callable[[Payment], tuple[Status | None, dict[str, int]]],
+        *, quiet: bool = False,
+    ) -> Payment:
+        """Record the channel's verdict on `op`, claimed in `p` (replaced by its id). `decide` gives the
+        new status (None: unchanged) and amounts from the payment as it is when written: should something
+        else have changed it since the claim (a late callback, the janitor), it is read again and the
+        verdict applied to that. `quiet`: the caller raises its own error."""
+        current = p
+        for _ in range(_RECORD_TRIES):
+            status, changes = decide(current)
+            if status is not None and not can_transition(current.status, status):
+                raise IllegalTransition(current.status.value, op.kind)
+            updated = msgspec.structs.replace(
+                current, status=status or current.status, operations=[op if o.id == op.id else o for o in current.operations],
+                version=current.version + 1, updated_at=utcnow(), **changes,
             )
-        except VersionConflict:
-            raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry") from None
-        if op.status == "failed":
+            kind = None if status is not None else f"{op.kind}.{op.status}"
+            try:
+                await self.store.update_payment(
+                    updated, current.version, [event_for(updated, kind)], ledger=postings_for(current, updated, self.pricing)
+                )
+                break
+            except VersionConflict:
+                fresh = await self.store.get_payment(p.id)
+                if fresh is None or not any(o.id == op.id and o.status == "pending" for o in fresh.operations):
+                    log.error("operation claim vanished before its result", extra={"payment_id": p.id, "operation": op.id})
+                    raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it") from None
+                current = fresh
+        else:
+            log.error("operation result lost every version race", extra={"payment_id": p.id, "operation": op.id})
+            raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry")
+        if op.status == "failed" and not quiet:
             raise ProblemError(
                 402, f"{op.kind}_declined", f"The channel declined the {op.kind}", op.code,
                 extra={"payment": payment_json(updated)},
             )
         return updated
+
+
+def _unchanged(cur: Payment) -> tuple[Status | None, dict[str, int]]:
+    return None, {}
+
+
+def _refuse_while_pending(p: Payment, kinds: tuple[str, ...]) -> None:
+    """A capture or void whose outcome the channel has not told us blocks another capture or void: the
+    money may already have moved (it is settled by the channel's callback, a status query or an operator)."""
+    for o in p.operations:
+        if o.kind in kinds and o.status == "pending":
+            raise ProblemError(
+                409, "operation_pending", f"A {o.kind} of this payment is pending with the channel",
+                "wait until it is settled; fetch the payment to see it",
+                extra={"operation_id": o.id},
+            )
 
 
 def _blocking_rule(chain: Chain, ctx: RouteContext) -> tuple[str, str] | None:

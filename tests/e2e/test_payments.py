@@ -321,4 +321,90 @@ async def test_every_state_change_has_its_outbox_event(sandbox, payroute) -> Non
     events = await pr.pipeline.store.outbox_events(p["id"])
     assert [e.type for e in events] == ["payment.authorized", "payment.captured", "payment.partially_refunded"]
     stored = await pr.pipeline.get("alpha", p["id"])
-    assert stored.version == 4  # processing -> authorized -> captured -> partially_refunded
+    # processing -> authorized -> capture claimed -> captured -> refund claimed -> partially_refunded: the
+    # claims (an operation recorded pending before the channel hears of it) change no status and carry no
+    # event, like the processing record before the first channel call
+    assert stored.version == 6
+
+
+# ------------------------------------------------------------------ operations: claimed before the channel call
+
+
+async def test_capture_with_an_unknown_outcome_is_202_pending_and_blocks_another(sandbox, payroute, monkeypatch) -> None:
+    from router.errors import OutcomeUnknown
+
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="o-cap-unknown", capture=False)).json()
+    real_send = pr.pipeline._send
+    sent: list[str] = []
+
+    async def send_then_lose_the_answer(ch, wire, deadline, parse, on_retry):  # type: ignore[no-untyped-def]
+        sent.append(wire.path)
+        await real_send(ch, wire, deadline, parse, on_retry)  # the channel captures ...
+        raise OutcomeUnknown("timeout")  # ... and its answer is lost
+
+    monkeypatch.setattr(pr.pipeline, "_send", send_then_lose_the_answer)
+    r = await pr.client.post(f"/v1/payments/{p['id']}/capture", json={"amount": 500})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["status"] == "authorized" and body["captured_amount"] == 0
+    assert [(o["kind"], o["amount"], o["status"]) for o in body["operations"]] == [("capture", 500, "pending")]
+    assert a.channel.charges[0]["captured_amount"] == 500
+
+    for path, payload in (("capture", {"amount": 700}), ("void", {})):
+        again = await pr.client.post(f"/v1/payments/{p['id']}/{path}", json=payload)
+        assert again.status_code == 409 and again.json()["code"] == "operation_pending", again.text
+        assert again.json()["operation_id"] == body["operations"][0]["id"]
+    assert len(sent) == 1  # the refused ones never reached the channel
+    assert a.channel.charges[0]["captured_amount"] == 500 and a.channel.charges[0]["status"] == "captured"
+    stored = await pr.pipeline.get("alpha", p["id"])
+    assert [o.status for o in stored.operations] == ["pending"]
+
+
+async def test_capture_the_channel_never_heard_of_is_failed_and_may_be_retried(sandbox, payroute) -> None:
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="o-cap-refused", capture=False)).json()
+    await a.set_script(Script(failure="refuse"))
+    r = await pr.client.post(f"/v1/payments/{p['id']}/capture", json={})
+    assert r.status_code == 503 and r.json()["code"] == "channel_unavailable"
+    stored = await pr.pipeline.get("alpha", p["id"])
+    assert stored.status.value == "authorized"
+    assert [(o.kind, o.status, o.code) for o in stored.operations] == [("capture", "failed", "channel_unavailable")]
+    await a.set_script(Script())
+    r = await pr.client.post(f"/v1/payments/{p['id']}/capture", json={})
+    assert r.status_code == 200 and r.json()["status"] == "captured", r.text
+    assert [o["status"] for o in r.json()["operations"]] == ["failed", "succeeded"]
+    assert a.channel.charges[0]["captured_amount"] == p["amount"]
+
+
+async def test_refunds_racing_on_one_instance_run_one_after_the_other(sandbox, payroute, monkeypatch) -> None:
+    """On one instance a second refund waits for the first (across instances it gets 409 operation_pending,
+    tests/e2e/test_scaleout.py): either way the channel is never asked for more than was captured."""
+    import asyncio
+
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="o-ref-race", amount=1000)).json()
+    real_send = pr.pipeline._send
+    at_channel = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_send(ch, wire, deadline, parse, on_retry):  # type: ignore[no-untyped-def]
+        at_channel.set()
+        await release.wait()
+        return await real_send(ch, wire, deadline, parse, on_retry)
+
+    monkeypatch.setattr(pr.pipeline, "_send", slow_send)
+    first = asyncio.create_task(pr.client.post(f"/v1/payments/{p['id']}/refunds", json={"amount": 600}))
+    await asyncio.wait_for(at_channel.wait(), 5)  # the first refund is claimed and at the channel
+    second = asyncio.create_task(pr.client.post(f"/v1/payments/{p['id']}/refunds", json={"amount": 600}))
+    await asyncio.sleep(0.05)
+    stored = await pr.pipeline.get("alpha", p["id"])
+    assert [(o.amount, o.status) for o in stored.operations] == [(600, "pending")]  # claimed before the call
+    release.set()
+    one, two = await first, await second
+    assert one.status_code == 200 and one.json()["refunded_amount"] == 600
+    assert two.status_code == 400 and two.json()["errors"][0]["code"] == "amount_exceeds_refundable", two.text
+    assert a.channel.charges[0]["refunded_amount"] == 600
