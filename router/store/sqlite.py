@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -59,7 +60,10 @@ from router.store.schema import load_migrations as _load_migrations
 T = TypeVar("T")
 _Row = tuple[object, ...]
 
+log = logging.getLogger("payroute.store")
 _SYNCHRONOUS = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+_CHECKPOINT_EVERY_S = 0.5
+_AUTOCHECKPOINT_BACKSTOP_PAGES = 20_000  # ~80 MB of WAL
 _encode = msgspec.json.Encoder().encode
 _decode_payment = msgspec.json.Decoder(Payment).decode
 
@@ -77,6 +81,7 @@ class StoreStats:
     writes: int = 0  # writes (items) taken by the writer
     failed_writes: int = 0  # writes that ended in an exception
     batch_sizes: Counter[int] = field(default_factory=Counter)
+    checkpoints: int = 0  # WAL checkpoints run by the checkpointer thread (payment writer's stats only)
 
 
 @dataclass(slots=True)
@@ -363,6 +368,9 @@ class SqliteStore:
         # Webhook outbox writes (claims, results) group-commit on a thread and connection of their own,
         # so payment writes never queue behind a batch of them; SQLite's write lock serialises the two.
         self._outbox: _GroupWriter | None = None
+        # WAL checkpoints run on a thread of their own (see _checkpointer_main), not inside a commit
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -381,6 +389,9 @@ class SqliteStore:
             outbox_conn, "payroute-sqlite-outbox", self._batch_max, _outbox_item_fault, self.outbox_stats,
             _OUTBOX_LINGER_S,
         )
+        self._checkpointer = threading.Thread(target=self._checkpointer_main, name="payroute-sqlite-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
         self._state = "running"
         try:
             await self.ping()
@@ -399,6 +410,9 @@ class SqliteStore:
         assert self._writer is not None and self._outbox is not None and self._reader_pool is not None
         self._outbox.stop()
         self._writer.stop()
+        self._checkpoint_stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         self._reader_pool.shutdown(wait=True)
         with self._reader_conns_lock:
             for conn in self._reader_conns:
@@ -410,6 +424,8 @@ class SqliteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # the checkpointer thread keeps the WAL short; a committing writer checkpoints only as a backstop
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_BACKSTOP_PAGES}")
         return conn
 
     def _open_writer_connection(self) -> sqlite3.Connection:
@@ -423,6 +439,26 @@ class SqliteStore:
             conn.close()
             raise
         return conn
+
+    def _checkpointer_main(self) -> None:
+        """Copy committed WAL frames into the database file every `_CHECKPOINT_EVERY_S`, on a connection
+        of its own. SQLite would otherwise checkpoint inside the commit that crosses 1,000 WAL pages: that
+        commit (and every payment waiting on its group) would pay for copying and fsyncing the file.
+        PASSIVE never blocks the writers or readers; the WAL restarts from its start once fully copied."""
+        try:
+            conn = self._connect()
+        except sqlite3.Error:
+            log.exception("sqlite checkpointer cannot connect; the writer's auto-checkpoint takes over")
+            return
+        try:
+            while not self._checkpoint_stop.wait(_CHECKPOINT_EVERY_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.stats.checkpoints += 1
+                except sqlite3.Error:
+                    log.warning("sqlite checkpoint failed; retrying", exc_info=True)
+        finally:
+            conn.close()
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # The version is read under the write lock so two processes starting at once cannot both apply.
