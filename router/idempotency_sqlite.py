@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from router.idempotency import Claim, StoredResponse, key_in_use, key_reused
+from router.store.sqlite import open_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -202,16 +203,7 @@ class SqliteIdempotencyStore:
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = self._connect()
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"{self.path}: cannot enable WAL (journal_mode is {mode})")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return open_wal(self._connect(), self.path, lambda conn: conn.executescript(_SCHEMA))
 
     def _load_filter(self, conn: sqlite3.Connection, now: float) -> None:
         for merchant_id, key in conn.execute(_LIVE_KEYS, (now,)):

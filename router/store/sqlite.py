@@ -300,6 +300,19 @@ def _ts(dt: datetime) -> str:
     return u.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def open_wal(conn: sqlite3.Connection, path: Path, prepare: Callable[[sqlite3.Connection], object]) -> sqlite3.Connection:
+    """Switch a new connection's file to WAL, then `prepare` it (migrate); closes it if either fails."""
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{path}: cannot enable WAL (journal_mode is {mode})")
+        prepare(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _split_statements(script: str) -> list[str]:
     # executescript() would COMMIT first; splitting lets every migration run inside our transaction.
     statements, pending = [], ""
@@ -429,16 +442,7 @@ class SqliteStore:
         return conn
 
     def _open_writer_connection(self) -> sqlite3.Connection:
-        conn = self._connect()
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"{self.path}: cannot enable WAL (journal_mode is {mode})")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return open_wal(self._connect(), self.path, self._migrate)
 
     def _checkpointer_main(self) -> None:
         """Copy committed WAL frames into the database file every `_CHECKPOINT_EVERY_S`, on a connection
