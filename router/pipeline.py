@@ -728,7 +728,7 @@ class Pipeline:
                     400, "invalid_request", "The request is invalid", "capture amount exceeds the authorized amount",
                     [FieldError("amount", "amount_exceeds_authorized", f"at most {p.amount} may be captured")],
                 )
-            p, op = await self._operation(p, "capture", amt, f"{p.id}-capture")
+            p, op = await self._operation(p, "capture", amt)
             if op.status != "succeeded":
                 return await self._record_op(p, op, _unchanged)
             return await self._record_op(p, op, lambda cur: (Status.CAPTURED, {"captured_amount": amt}))
@@ -739,7 +739,7 @@ class Pipeline:
             _refuse_while_pending(p, ("capture", "void"))
             if not can_transition(p.status, Status.VOIDED):
                 raise IllegalTransition(p.status.value, "void")
-            p, op = await self._operation(p, "void", p.amount, f"{p.id}-void")
+            p, op = await self._operation(p, "void", p.amount)
             return await self._record_op(p, op, (lambda cur: (Status.VOIDED, {})) if op.status == "succeeded" else _unchanged)
 
     async def refund(self, merchant_id: str, payment_id: str, amount: int | None, reason: str | None) -> Payment:
@@ -757,8 +757,7 @@ class Pipeline:
                     400, "invalid_request", "The request is invalid", "refunds may not exceed the captured amount",
                     [FieldError("amount", "amount_exceeds_refundable", f"at most {max(remaining, 0)} may be refunded")],
                 )
-            n = sum(1 for o in p.operations if o.kind == "refund") + 1
-            p, op = await self._operation(p, "refund", amt, f"{p.id}-r{n}", reason)
+            p, op = await self._operation(p, "refund", amt, reason)
             if op.status != "succeeded":
                 return await self._record_op(p, op, _unchanged)
 
@@ -773,37 +772,24 @@ class Pipeline:
         return _LockCtx(self._op_locks, payment_id)
 
     async def _operation(
-        self, p: Payment, kind: str, amount: int, key: str, reason: str | None = None
+        self, p: Payment, kind: str, amount: int, reason: str | None = None
     ) -> tuple[Payment, Operation]:
         """Claim the operation in the record, then ask the channel; returns (the payment as recorded with
         the claim, the operation with the channel's verdict). The claim (the operation `pending`, the
         version bumped) is committed before the channel hears of it: of two requests racing on two
         instances only one gets past it, so the channel is asked at most once, and a crash after the
         send leaves a pending operation in the record, never an unrecorded capture or refund."""
-        rt = self._runtime()
-        ch = rt.channels.get(p.channel or "")
-        if ch is None or p.channel_reference is None:
-            raise ProblemError(503, "channel_not_configured", "The payment's channel is not configured any more")
-        op = ChannelOperation(
-            kind=kind, payment_id=p.id, channel_reference=p.channel_reference, channel_key=key, amount=amount,
-            currency=p.currency, exponent=currency_exponent(p.currency) or 0, payment_amount=p.amount,
-        )
-        try:
-            wire = ch.adapter.build_operation(op)
-        except (IntegrationError, ValueError, KeyError, TypeError) as e:
-            raise ProblemError(
-                409, "operation_not_supported", f"The channel {ch.name} cannot {kind} this payment", str(e)
-            ) from None
         claim = Operation(id=new_id(kind[:2] if kind != "refund" else "re"), kind=kind, amount=amount,
                           status="pending", reason=reason)
         claimed = msgspec.structs.replace(
             p, operations=[*p.operations, claim], version=p.version + 1, updated_at=utcnow()
         )
+        ch, op, wire = self._operation_request(claimed, claim)
         try:
             await self.store.update_payment(claimed, p.version, [])
         except VersionConflict:
             raise ProblemError(409, "concurrent_update", "The payment changed while this request ran; fetch it and retry") from None
-        deadline = self._clock() + rt.config.server.payment_deadline_ms / 1000
+        deadline = self._clock() + self._runtime().config.server.payment_deadline_ms / 1000
         status, code, ref = "failed", None, None
         try:
             async with ch.breaker.guard():
@@ -823,6 +809,64 @@ class Pipeline:
             status, code = "pending", e.code
         self.metrics.operations.labels(ch.name, kind, status).inc()
         return claimed, msgspec.structs.replace(claim, status=status, channel_reference=ref, code=code)
+
+    def _operation_request(self, p: Payment, claim: Operation) -> tuple[ChannelRuntime, ChannelOperation, WireRequest]:
+        """The channel request for an operation of `p` (which holds `claim`). Its channel key is the same
+        whenever it is built (`<payment>-capture`, `-void`, `-r<n>` for the n-th refund), so a re-send
+        is an idempotent replay at the channel."""
+        rt = self._runtime()
+        ch = rt.channels.get(p.channel or "")
+        if ch is None or p.channel_reference is None:
+            raise ProblemError(503, "channel_not_configured", "The payment's channel is not configured any more")
+        if claim.kind == "refund":
+            n = 1 + [o.id for o in p.operations if o.kind == "refund"].index(claim.id)
+            key = f"{p.id}-r{n}"
+        else:
+            key = f"{p.id}-{claim.kind}"
+        op = ChannelOperation(
+            kind=claim.kind, payment_id=p.id, channel_reference=p.channel_reference, channel_key=key,
+            amount=claim.amount, currency=p.currency, exponent=currency_exponent(p.currency) or 0,
+            payment_amount=p.amount,
+        )
+        try:
+            return ch, op, ch.adapter.build_operation(op)
+        except (IntegrationError, ValueError, KeyError, TypeError) as e:
+            raise ProblemError(
+                409, "operation_not_supported", f"The channel {ch.name} cannot {claim.kind} this payment", str(e)
+            ) from None
+
+    async def settle_operation(self, p: Payment, claim: Operation) -> Payment:
+        """Ask the channel again about an operation left `pending` (its answer was lost, or we crashed
+        after the send): the same request with the same channel key, which the channel answers from its
+        idempotency record (or processes now, if it never got it). Records the verdict; an answer still
+        unknown, or no answer, leaves it pending. Callers keep this within the channel's idempotency
+        window (the janitor: `janitor.max_age_s`)."""
+        ch, op, wire = self._operation_request(p, claim)
+        deadline = self._clock() + self._runtime().config.server.payment_deadline_ms / 1000
+        try:
+            async with ch.breaker.guard():
+                result = await self._send(ch, wire, deadline, lambda r: ch.adapter.parse_operation(op, r), lambda: None)
+        except (BreakerOpen, ChannelUnavailable, OutcomeUnknown):
+            return p
+        verdict = msgspec.structs.replace(
+            claim, status="succeeded" if result.outcome is Outcome.APPROVED else "failed",
+            channel_reference=result.channel_reference, code=result.code,
+        )
+        self.metrics.operations.labels(ch.name, claim.kind, verdict.status).inc()
+        if verdict.status != "succeeded":
+            return await self._record_op(p, verdict, _unchanged, quiet=True)
+        amount = claim.amount
+
+        def applied(cur: Payment) -> tuple[Status | None, dict[str, int]]:
+            if claim.kind == "capture":
+                return Status.CAPTURED, {"captured_amount": amount}
+            if claim.kind == "void":
+                return Status.VOIDED, {}
+            total = cur.refunded_amount + amount
+            return (Status.REFUNDED if total >= cur.captured_amount else Status.PARTIALLY_REFUNDED,
+                    {"refunded_amount": total})
+
+        return await self._record_op(p, verdict, applied)
 
     async def _record_op(
         self, p: Payment, op: Operation, decide: Callable[[Payment], tuple[Status | None, dict[str, int]]],

@@ -57,6 +57,10 @@ class PaymentStore(Protocol):
         self, statuses: Sequence[Status], updated_before: datetime, limit: int = 100
     ) -> list[Payment]: ...
 
+    async def list_pending_operations(self, created_before: datetime, limit: int = 100) -> list[Payment]:
+        """Payments with a capture, void or refund still `pending` (claimed before `created_before`),
+        oldest operation first."""
+
     async def outbox_events(self, payment_id: str) -> list[OutboxEvent]: ...
 
     async def record_callback(

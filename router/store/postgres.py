@@ -326,6 +326,16 @@ class PostgresStore:
             )
         return [_decode_payment(r["doc"]) for r in rows]
 
+    async def list_pending_operations(self, created_before: datetime, limit: int = 100) -> list[Payment]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT doc FROM payments WHERE id IN (SELECT payment_id FROM operations WHERE status = 'pending' "
+                "AND created_at < $1 ORDER BY created_at LIMIT $2)",
+                _ts(created_before),
+                limit,
+            )
+        return [_decode_payment(r["doc"]) for r in rows]
+
     async def outbox_events(self, payment_id: str) -> list[OutboxEvent]:
         """In creation order (`seq`), which is commit order for one payment's events."""
         async with self._connection() as conn:

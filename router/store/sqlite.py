@@ -567,6 +567,15 @@ class SqliteStore:
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [_decode_payment(row[0]) for row in rows]
 
+    async def list_pending_operations(self, created_before: datetime, limit: int = 100) -> list[Payment]:
+        sql = (
+            "SELECT doc FROM payments WHERE id IN (SELECT payment_id FROM operations WHERE status = 'pending' "
+            "AND created_at < ? ORDER BY created_at LIMIT ?)"
+        )
+        params = (_ts(created_before), limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [_decode_payment(row[0]) for row in rows]
+
     async def outbox_events(self, payment_id: str) -> list[OutboxEvent]:
         """In commit order (rowid), which is creation order for one payment's events."""
         sql = (

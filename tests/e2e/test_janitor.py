@@ -19,8 +19,9 @@ def later(seconds: float):  # type: ignore[no-untyped-def]
 
 
 def janitor(pr, **kw) -> Janitor:  # type: ignore[no-untyped-def]
+    now = kw.pop("now", later(120))
     settings = JanitorSettings(**{"min_age_s": 30, "interval_s": 0.01, **kw})
-    return Janitor(pr.pipeline, pr.metrics, settings, now=kw.pop("now", later(120)))
+    return Janitor(pr.pipeline, pr.metrics, settings, now=now)
 
 
 async def test_crash_after_the_request_left_settles_on_the_channel_that_charged(sandbox, payroute) -> None:
@@ -104,3 +105,74 @@ async def test_two_janitors_racing_settle_once(sandbox, payroute) -> None:
     events = await pr.pipeline.store.outbox_events(p["id"])
     assert [e.type for e in events] == ["payment.pending", "payment.captured"]
     assert msgspec.json.decode(events[-1].payload)["data"]["status"] == "captured"
+
+
+# ------------------------------------------------------------------ operations left pending
+
+
+async def _lose_answers(pr, monkeypatch, *, send: bool):  # type: ignore[no-untyped-def]
+    """From now on an operation's answer is lost (after the channel got it when `send`, else before)."""
+    from router.errors import OutcomeUnknown
+
+    real_send = pr.pipeline._send
+
+    async def lossy(ch, wire, deadline, parse, on_retry):  # type: ignore[no-untyped-def]
+        if send:
+            await real_send(ch, wire, deadline, parse, on_retry)
+        raise OutcomeUnknown("timeout")
+
+    monkeypatch.setattr(pr.pipeline, "_send", lossy)
+    return lambda: monkeypatch.setattr(pr.pipeline, "_send", real_send)
+
+
+async def test_a_capture_whose_answer_was_lost_is_settled_from_the_channel_once(sandbox, payroute, monkeypatch) -> None:
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="op-cap", capture=False, amount=1000)).json()
+    restore = await _lose_answers(pr, monkeypatch, send=True)
+    r = await pr.client.post(f"/v1/payments/{p['id']}/capture", json={"amount": 600})
+    assert r.status_code == 202
+    restore()
+    assert (await janitor(pr, now=later(5)).run_once()) == 0  # younger than min_age_s: a live request's
+    assert await janitor(pr).run_once() == 1
+    done = await pr.pipeline.store.get_payment(p["id"])
+    assert done is not None and done.status is Status.CAPTURED and done.captured_amount == 600
+    assert [(o.kind, o.status) for o in done.operations] == [("capture", "succeeded")]
+    assert a.channel.charges[0]["captured_amount"] == 600  # replayed by the channel, not captured twice
+    events = [e.type for e in await pr.pipeline.store.outbox_events(p["id"])]
+    assert events[-1] == "payment.captured"
+    assert await janitor(pr).run_once() == 0  # nothing pending any more
+
+
+async def test_a_refund_lost_before_the_channel_got_it_is_sent_by_the_janitor(sandbox, payroute, monkeypatch) -> None:
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="op-ref", amount=1000)).json()
+    assert (await pr.client.post(f"/v1/payments/{p['id']}/refunds", json={"amount": 100})).status_code == 200
+    restore = await _lose_answers(pr, monkeypatch, send=False)
+    r = await pr.client.post(f"/v1/payments/{p['id']}/refunds", json={"amount": 250})
+    assert r.status_code == 202 and a.channel.charges[0]["refunded_amount"] == 100  # never reached the channel
+    blocked = await pr.client.post(f"/v1/payments/{p['id']}/refunds", json={"amount": 1})
+    assert blocked.status_code == 409 and blocked.json()["code"] == "operation_pending"
+    restore()
+    assert await janitor(pr).run_once() == 1
+    done = await pr.pipeline.store.get_payment(p["id"])
+    assert done is not None and done.status is Status.PARTIALLY_REFUNDED and done.refunded_amount == 350
+    assert a.channel.charges[0]["refunded_amount"] == 350
+    # the second refund kept its own channel key (-r2): the first one's was not reused
+    assert [o.status for o in done.operations] == ["succeeded", "succeeded"]
+
+
+async def test_an_operation_past_max_age_is_left_for_an_operator(sandbox, payroute, monkeypatch) -> None:
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    p = (await pr.pay(merchant_order_id="op-old", capture=False)).json()
+    await _lose_answers(pr, monkeypatch, send=False)
+    assert (await pr.client.post(f"/v1/payments/{p['id']}/capture", json={})).status_code == 202
+    before = pr.metrics.manual_reviews._value.get()
+    j = janitor(pr, max_age_s=60, now=later(120))
+    assert await j.run_once() == 0 and await j.run_once() == 0
+    assert pr.metrics.manual_reviews._value.get() == before + 1  # reported once
+    stored = await pr.pipeline.store.get_payment(p["id"])
+    assert stored is not None and [o.status for o in stored.operations] == ["pending"]
+    assert a.channel.charges[0]["status"] == "authorized"  # nothing re-sent past the window

@@ -373,6 +373,29 @@ async def test_outbox_follows_the_payment_write_in_order(backend: Backend, store
     assert await backend.query("SELECT DISTINCT delivered_at, attempts FROM outbox") == [(None, 0)]
 
 
+async def test_list_pending_operations_finds_payments_with_an_unsettled_operation(store: PaymentStore) -> None:
+    def op(n: int, status: str, minutes: int) -> Operation:
+        return Operation(id=f"op_{n}", kind="refund", amount=100, status=status, created_at=T0 + timedelta(minutes=minutes))
+
+    rows = [
+        make_payment(1, status=Status.CAPTURED, operations=[op(1, "pending", 3)]),
+        make_payment(2, status=Status.CAPTURED, operations=[op(2, "succeeded", 1), op(3, "pending", 1)]),
+        make_payment(3, status=Status.CAPTURED, operations=[op(4, "succeeded", 0), op(5, "failed", 0)]),
+        make_payment(4, status=Status.CAPTURED, operations=[op(6, "pending", 10)]),  # not before the cutoff
+        make_payment(5, status=Status.CAPTURED),
+    ]
+    await asyncio.gather(*(store.insert_payment(p) for p in rows))
+    cutoff = T0 + timedelta(minutes=5)
+    found = await store.list_pending_operations(cutoff)
+    assert sorted(p.id for p in found) == ["pay_00001", "pay_00002"]
+    assert {p.id: p for p in found}["pay_00002"] == rows[1]
+    assert [p.id for p in await store.list_pending_operations(cutoff, limit=1)] == ["pay_00002"]  # oldest first
+    settled = advanced(rows[0], Status.REFUNDED, operations=[msgspec.structs.replace(rows[0].operations[0],
+                                                                                       status="succeeded")])
+    await store.update_payment(settled, rows[0].version)
+    assert [p.id for p in await store.list_pending_operations(cutoff)] == ["pay_00002"]
+
+
 async def test_list_by_status_filters_and_orders_oldest_first(store: PaymentStore) -> None:
     rows = [
         make_payment(1, status=Status.PENDING, updated_at=T0 + timedelta(minutes=3)),
