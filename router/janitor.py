@@ -92,9 +92,13 @@ class Janitor:
                               extra={"payment_id": p.id, "operation": claim.id, "kind": claim.kind})
                 continue
             try:
-                settled = await self.pipeline.settle_operation(p, claim)
-            except (VersionConflict, ProblemError):
+                settled: Payment | None = await self.pipeline.settle_operation(p, claim)
+            except VersionConflict:
                 settled = None  # something else changed the payment: the next sweep reads it again
+            except ProblemError as e:  # e.g. the channel is no longer configured: back off, say why
+                log.warning("pending operation cannot be settled now", extra={"payment_id": p.id,
+                                                                               "operation": claim.id, "code": e.code})
+                settled = p
             if settled is not p:
                 self._backoff.pop(claim.id, None)
                 moved += 1
