@@ -729,9 +729,7 @@ class Pipeline:
                     [FieldError("amount", "amount_exceeds_authorized", f"at most {p.amount} may be captured")],
                 )
             p, op = await self._operation(p, "capture", amt)
-            if op.status != "succeeded":
-                return await self._record_op(p, op, _unchanged)
-            return await self._record_op(p, op, lambda cur: (Status.CAPTURED, {"captured_amount": amt}))
+            return await self._record_op(p, op, _applied(op) if op.status == "succeeded" else _unchanged)
 
     async def void(self, merchant_id: str, payment_id: str) -> Payment:
         async with self._lock(payment_id):
@@ -740,7 +738,7 @@ class Pipeline:
             if not can_transition(p.status, Status.VOIDED):
                 raise IllegalTransition(p.status.value, "void")
             p, op = await self._operation(p, "void", p.amount)
-            return await self._record_op(p, op, (lambda cur: (Status.VOIDED, {})) if op.status == "succeeded" else _unchanged)
+            return await self._record_op(p, op, _applied(op) if op.status == "succeeded" else _unchanged)
 
     async def refund(self, merchant_id: str, payment_id: str, amount: int | None, reason: str | None) -> Payment:
         async with self._lock(payment_id):
@@ -758,15 +756,7 @@ class Pipeline:
                     [FieldError("amount", "amount_exceeds_refundable", f"at most {max(remaining, 0)} may be refunded")],
                 )
             p, op = await self._operation(p, "refund", amt, reason)
-            if op.status != "succeeded":
-                return await self._record_op(p, op, _unchanged)
-
-            def refunded(cur: Payment) -> tuple[Status | None, dict[str, int]]:
-                total = cur.refunded_amount + amt
-                return (Status.REFUNDED if total >= cur.captured_amount else Status.PARTIALLY_REFUNDED,
-                        {"refunded_amount": total})
-
-            return await self._record_op(p, op, refunded)
+            return await self._record_op(p, op, _applied(op) if op.status == "succeeded" else _unchanged)
 
     def _lock(self, payment_id: str) -> _LockCtx:
         return _LockCtx(self._op_locks, payment_id)
@@ -855,18 +845,7 @@ class Pipeline:
         self.metrics.operations.labels(ch.name, claim.kind, verdict.status).inc()
         if verdict.status != "succeeded":
             return await self._record_op(p, verdict, _unchanged, quiet=True)
-        amount = claim.amount
-
-        def applied(cur: Payment) -> tuple[Status | None, dict[str, int]]:
-            if claim.kind == "capture":
-                return Status.CAPTURED, {"captured_amount": amount}
-            if claim.kind == "void":
-                return Status.VOIDED, {}
-            total = cur.refunded_amount + amount
-            return (Status.REFUNDED if total >= cur.captured_amount else Status.PARTIALLY_REFUNDED,
-                    {"refunded_amount": total})
-
-        return await self._record_op(p, verdict, applied)
+        return await self._record_op(p, verdict, _applied(verdict))
 
     async def _record_op(
         self, p: Payment, op: Operation, decide: Callable[[Payment], tuple[Status | None, dict[str, int]]],
@@ -910,6 +889,21 @@ class Pipeline:
 
 def _unchanged(cur: Payment) -> tuple[Status | None, dict[str, int]]:
     return None, {}
+
+
+def _applied(op: Operation) -> Callable[[Payment], tuple[Status | None, dict[str, int]]]:
+    """What a succeeded capture, void or refund does to the payment as it is when recorded."""
+
+    def decide(cur: Payment) -> tuple[Status | None, dict[str, int]]:
+        if op.kind == "capture":
+            return Status.CAPTURED, {"captured_amount": op.amount}
+        if op.kind == "void":
+            return Status.VOIDED, {}
+        total = cur.refunded_amount + op.amount
+        return (Status.REFUNDED if total >= cur.captured_amount else Status.PARTIALLY_REFUNDED,
+                {"refunded_amount": total})
+
+    return decide
 
 
 def _refuse_while_pending(p: Payment, kinds: tuple[str, ...]) -> None:
