@@ -163,22 +163,26 @@ class SuccessStats:
     _EXPECTED_LIMIT = 100_000
 
     def __init__(self, config: StatsConfig | None = None) -> None:
-        self.config = c = config or StatsConfig()
-        self._fast = 0.5 ** (1.0 / c.fast_half_life_events)
-        self._slow = 0.5 ** (1.0 / c.slow_half_life_events)
-        self._log_outage_p = math.log(c.outage_p)
-        self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
+        self.reconfigure(config or StatsConfig())
         self._local: dict[tuple[str, str], Cell] = {}
         self._watch: dict[tuple[str, str], _Watch] = {}
         self._keys: dict[str, list[str]] = {}  # channel -> its keys other than ""
         self._key_events: dict[str, int] = {}  # key -> events recorded under it, over all channels
-        self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
         self._peers: dict[str, Snapshot] = {}
         self._remote: dict[tuple[str, str], tuple[float, float]] = {}  # summed slow (s, f) of all peers
         self._expected: dict[str, tuple[str, tuple[str, ...]]] = {}  # payment id -> (channel, keys)
         self._pending: dict[tuple[str, str], int] = {}  # (channel, key) -> expected outcomes
         self._seen: dict[str, None] = {}  # recent payment ids with a recorded outcome, oldest first
         self.now = -math.inf  # the latest event time seen: "now" for reads, which take no clock
+
+    def reconfigure(self, config: StatsConfig) -> None:
+        """Use `config` from now on (a config reload); what was learned is kept and read with it."""
+        self.config = c = config
+        self._fast = 0.5 ** (1.0 / c.fast_half_life_events)
+        self._slow = 0.5 ** (1.0 / c.slow_half_life_events)
+        self._log_outage_p = math.log(c.outage_p)
+        self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
+        self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
 
     def record(self, channel: str, key: str, success: bool, now: float, approval: bool = True) -> None:
         """One outcome. `approval=False`: it only tells whether the channel is up (a fail-over attempt,

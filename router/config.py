@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from policies.success_rate import StatsConfig
 from router.errors import ConfigError
 from router.governance.model import GovernanceConfig
 from router.governance.model import config_problems as governance_problems
@@ -80,6 +81,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ]
     )
     merchants: dict[str, list[PolicyStep]] = msgspec.field(default_factory=dict)
+    # how success_rate/cost learn (half-lives, change and outage detection, staleness); see
+    # docs/adaptive-routing.md. Shared by every chain; a reload applies it to what was learned so far.
+    stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -120,7 +120,10 @@ class Runtime:
     ) -> None:
         self.config = cfg
         self.env: PolicyEnv = env or (previous.env if previous else PolicyEnv(
-            state={"success_stats": SuccessStats(), "monthly_volume": {}}))
+            state={"success_stats": SuccessStats(cfg.routing.stats), "monthly_volume": {}}))
+        stats = self.env.state.get("success_stats")
+        if isinstance(stats, SuccessStats) and stats.config != cfg.routing.stats:
+            stats.reconfigure(cfg.routing.stats)
         self.version = cfg.digest
         self.channels: dict[str, ChannelRuntime] = {}
         for c in cfg.channels:

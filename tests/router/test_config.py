@@ -123,3 +123,25 @@ def test_tls_verification_can_be_off_only_for_loopback() -> None:
     with pytest.raises(ConfigError) as e:
         load_config(remote, env={"M1_KEY": "sk_live_0123456789abcdef"}, **KW)
     assert [p for p, _ in e.value.problems] == ["$.channels[0].tls_verify"]
+
+
+def test_success_statistics_are_tuned_from_config_and_a_reload_keeps_what_was_learned() -> None:
+    from policies.success_rate import SuccessStats
+    from router.runtime import Runtime
+
+    env = {"M1_KEY": "sk_live_0123456789abcdef"}
+    cfg = load_config(GOOD + "routing: {stats: {fast_half_life_events: 50, change_detection: false}}\n", env=env, **KW)
+    rt = Runtime(cfg)
+    stats = rt.env.state["success_stats"]
+    assert isinstance(stats, SuccessStats)
+    assert (stats.config.fast_half_life_events, stats.config.change_detection) == (50, False)
+    for i in range(30):
+        stats.record("a", "", i % 3 != 0, now=float(i))
+    learned = stats.counts("a", "")
+    reloaded = Runtime(load_config(GOOD + "routing: {stats: {fast_half_life_events: 80}}\n", env=env, **KW), previous=rt)
+    assert reloaded.env.state["success_stats"] is stats  # the same statistics, read with the new settings
+    assert stats.config.fast_half_life_events == 80 and stats.config.change_detection is True
+    assert stats.counts("a", "") == learned
+    with pytest.raises(ConfigError) as e:
+        load_config(GOOD + "routing: {stats: {half_life: 3}}\n", env=env, **KW)
+    assert any(p.startswith("$.routing.stats") for p, _ in e.value.problems), e.value.problems
