@@ -12,11 +12,12 @@ The semantics are those of `router.idempotency` (Stripe's). What lives where:
   spares the disk lookup for a key never seen, which is nearly every request; a false positive (about
   1 %) costs one lookup, and there are no false negatives.
 
-The file uses WAL with `synchronous=NORMAL`: a record survives `kill -9` of payroute; a power cut can
-lose the last records of the second before it. That is safe for money: the payment itself is in the
-durable record (`synchronous=FULL`), and a retry whose record was lost meets the unique
-`(merchant, merchant_order_id)` there and gets `409 duplicate_order` naming the payment, never a second
-charge (the same as Redis losing its keys in scale-out mode).
+The file uses WAL with `synchronous=NORMAL`, and a record is committed by its batch just after its
+response went out: a crash (`kill -9`, a power cut) can lose the last milliseconds of records. That is
+safe for money: the payment itself is in the durable record (`synchronous=FULL`, committed before the
+response), and a retry whose record was lost meets the unique `(merchant, merchant_order_id)` there and
+gets `409 duplicate_merchant_order_id` naming the payment, never a second charge (the same as Redis
+losing its keys in scale-out mode).
 """
 
 from __future__ import annotations
