@@ -385,6 +385,17 @@ class RouteContext(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+def route_context(p: Payment) -> RouteContext:
+    """What routing sees of a payment (the same at its decision, in the lab's replay and when a late
+    outcome is learnt)."""
+    card = p.payment_method.card
+    return RouteContext(
+        payment_id=p.id, merchant_id=p.merchant_id, amount=p.amount, currency=p.currency, country=p.country,
+        method=p.payment_method.type, card_bin=card.bin if card else None, card_brand=card.brand if card else None,
+        metadata=p.metadata,
+    )
+
+
 class Policy(Protocol):
     """A pure function over an ordered tuple of candidates.
 

@@ -30,7 +30,7 @@ import orjson
 
 from policies.base import Chain
 from policies.rules import RulesPolicy
-from policies.success_rate import counts_for_channel
+from policies.success_rate import SuccessStats, counts_for_channel
 from router.breaker import BreakerOpen
 from router.duplicates import FingerprintWindow, MemoryFingerprintWindow, fingerprint
 from router.errors import (
@@ -66,6 +66,7 @@ from router.model import (
     Status,
     WireRequest,
     can_transition,
+    route_context,
     utcnow,
 )
 from router.money.ledger import postings_for
@@ -279,18 +280,7 @@ class Pipeline:
             return self._count(failed)
 
         # 2. route
-        card_summary = req.payment_method.card
-        ctx = RouteContext(
-            payment_id=payment.id,
-            merchant_id=req.merchant_id,
-            amount=req.amount,
-            currency=req.currency,
-            country=req.country,
-            method=req.payment_method.type,
-            card_bin=card_summary.bin if card_summary else None,
-            card_brand=card_summary.brand if card_summary else None,
-            metadata=req.metadata,
-        )
+        ctx = route_context(payment)
         plan, removed, trace = chain.explain(ctx, rt.candidates())
         blocking_rule = _blocking_rule(chain, ctx) if not plan else None
         decision = RoutingDecision(
@@ -329,6 +319,8 @@ class Pipeline:
             attempt, result = await self._attempt(ch, seq, payment, req, card, deadline, cfg.server.public_url)
             attempts.append(attempt)
             outcome = attempt.outcome
+            if stats is not None and seq == 1 and outcome in (Outcome.PENDING, Outcome.REQUIRES_ACTION):
+                stats.expect(ch.name, ctx)  # learnt when it settles (_settle): delayed feedback
             if stats is not None and (seq == 1 or outcome in (Outcome.UNAVAILABLE, Outcome.UNKNOWN)):
                 # only what the channel caused moves its success rate (a card's own decline does not);
                 # a fail-over attempt carries a card another channel just declined, so its approval
@@ -712,7 +704,24 @@ class Pipeline:
         await self.store.update_payment(
             done, payment.version, [event_for(done)], ledger=postings_for(payment, done, self.pricing)
         )
+        self._learn_late(payment, result)
         return self._count(done)
+
+    def _learn_late(self, payment: Payment, result: ChannelResult) -> None:
+        """A payment whose first attempt ended pending or requires_action (a wallet QR, a redirect) has
+        its outcome now: the channel's success rate learns it, as at once for any other payment. One
+        that went pending on an unknown outcome (a timeout) was counted against the channel then."""
+        stats = self._runtime().env.state.get("success_stats")
+        first = payment.attempts[0] if payment.attempts else None
+        if not isinstance(stats, SuccessStats) or first is None or first.channel != payment.channel or \
+                first.outcome not in (Outcome.PENDING, Outcome.REQUIRES_ACTION):
+            return
+        ctx = route_context(payment)
+        verdict = counts_for_channel(result.outcome.value, result.code)
+        if verdict is None:
+            stats.settle(ctx)  # the card's decline, or not charged: nothing about the channel
+        else:
+            stats.record_outcome(first.channel, ctx, verdict, time.time())
 
     # ------------------------------------------------------------------ capture / void / refund
 

@@ -178,7 +178,7 @@ def cmd_lab_replay(args: argparse.Namespace) -> int:
     from policies import registry as policy_registry
     from policies.base import Chain, PolicyEnv
     from policies.success_rate import SuccessStats
-    from router.model import Candidate, Capabilities, Payment, RouteContext
+    from router.model import Candidate, Capabilities, Payment, route_context
     from router.runtime import load
 
     try:
@@ -224,12 +224,7 @@ def cmd_lab_replay(args: argparse.Namespace) -> int:
         p = msgspec.json.decode(doc, type=Payment)
         was = (p.routing.plan[0] if p.routing and p.routing.plan else None) or (
             p.attempts[0].channel if p.attempts else "-")
-        card = p.payment_method.card
-        ctx = RouteContext(
-            payment_id=p.id, merchant_id=p.merchant_id, amount=p.amount, currency=p.currency, country=p.country,
-            method=p.payment_method.type, card_bin=card.bin if card else None,
-            card_brand=card.brand if card else None, metadata=p.metadata,
-        )
+        ctx = route_context(p)
         if p.country in blocked:
             now = "(blocked)"
         else:

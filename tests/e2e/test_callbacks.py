@@ -91,3 +91,39 @@ async def test_callbacks_are_stored_deduplicated_and_checked_against_the_record(
     db.close()
     assert [(e, o) for e, o, _ in rows] == [("evt-w", "mismatch"), ("evt-r", "applied")]
     assert rows[1][2] == right  # stored as received, before the acknowledgement
+
+
+class WalletAdapter(SignedJsonAdapter):
+    """Every authorization waits for the customer (requires_action); the outcome comes by callback."""
+
+    def parse_authorize(self, resp: WireResponse) -> ChannelResult:
+        first = super().parse_authorize(resp)
+        return ChannelResult(outcome=Outcome.REQUIRES_ACTION, code="awaiting_customer",
+                             channel_reference=first.channel_reference)
+
+
+async def test_late_wallet_outcomes_teach_the_channels_success_rate(sandbox, payroute) -> None:
+    from policies.success_rate import SuccessStats
+
+    a = await sandbox("a")
+    pr = await payroute({"a": a})
+    pr.runtime.channels["a"].adapter = WalletAdapter({})
+    stats = pr.runtime.env.state["success_stats"]
+    assert isinstance(stats, SuccessStats)
+
+    async def pay_then_callback(order: str, outcome: str, code: str | None = None) -> dict[str, object]:
+        p = (await pr.pay(merchant_order_id=order)).json()
+        assert p["status"] == "requires_action"
+        assert stats.counts("a", "") == before  # not known yet: nothing learnt, one outcome on its way
+        body = orjson.dumps({"id": f"evt-{order}", "reference": f"{p['id']}-a1", "outcome": outcome, "code": code})
+        assert (await pr.client.post("/callbacks/a", content=body, headers={"X-Signature": "good"})).status_code == 200
+        return p
+
+    before = stats.counts("a", "")
+    await pay_then_callback("w-1", "approved")
+    s1, f1 = stats.counts("a", "")
+    assert s1 > before[0] and f1 == before[1]  # the late approval counts for the channel
+    before = (s1, f1)
+    await pay_then_callback("w-2", "hard_decline", "do_not_honor")
+    assert stats.counts("a", "") == before  # the card's decline: nothing about the channel
+    assert not stats._expected  # and nothing is left waiting
