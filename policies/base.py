@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -55,10 +56,12 @@ def validate_params(ptype: PolicyType, raw: Mapping[str, Any], channels: frozens
     return [(rel, f"unknown channel {name!r}") for rel, name in ptype.channel_refs(params) if name not in channels]
 
 
-@dataclass(frozen=True)
-class StepTrace:
+class StepTrace(NamedTuple):
     policy: str
     output: tuple[str, ...]
+
+
+_name = attrgetter("name")
 
 
 class Chain:
@@ -78,11 +81,11 @@ class Chain:
         current = candidates
         for step in self.steps:
             nxt = step(ctx, current)
+            names = tuple(map(_name, nxt))
             if len(nxt) != len(current):
-                kept = {c.name for c in nxt}
                 for c in current:
-                    if c.name not in kept:
+                    if c.name not in names:
                         removed[c.name] = step.name
-            trace.append(StepTrace(step.name, tuple(c.name for c in nxt)))
+            trace.append(StepTrace(step.name, names))
             current = nxt
         return current, removed, trace
