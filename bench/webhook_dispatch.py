@@ -3,7 +3,8 @@ backlog of outbox events, against a baseline measured in the same run.
 
 - The receiver is an aiohttp server in a child process (its own core) answering 200 at once.
 - Baselines: the same number of raw POSTs (same body size, same concurrency, no store) with aiohttp and
-  with httpx (the dispatcher's client), so the gap splits into "HTTP client" and "store + dispatcher".
+  with httpx (skip it with --skip-httpx: it is slow), so the gap shows what the store and the dispatcher
+  add over the dispatcher's own HTTP client (aiohttp), and why it is not httpx.
 - Backlog: `--events` outbox events (2 per payment: authorized, captured; spread over `--merchants`
   merchants with one endpoint each) are committed through `SqliteStore.insert_payment` like the
   pipeline writes them; then the real `WebhookDispatcher` runs (`run_forever`, wall clock) until the
