@@ -66,6 +66,16 @@ _REAP = (
 _LIVE_KEYS = "SELECT merchant_id, key FROM idempotency_records WHERE expires_at > ?"
 _REAP_CHUNK = 10_000
 _STOP = object()
+
+
+class _Reap:
+    """A request to the writer: delete what expired by `now` (a type of its own, never mistaken for a row)."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
 _Row = tuple[str, str, str, int, bytes, str, float, float]
 
 
@@ -284,7 +294,7 @@ class SqliteIdempotencyStore:
         self._next_reap = now + self._reap_every
         self._in_flight = {k: r for k, r in self._in_flight.items() if r.expires_at > now}
         self._filter.expire(now)
-        self._queue.put(("reap", now))
+        self._queue.put(_Reap(now))
 
     def _writer_main(self, conn: sqlite3.Connection) -> None:
         try:
@@ -297,8 +307,8 @@ class SqliteIdempotencyStore:
                     if item is _STOP:
                         stopping = True
                         break
-                    if isinstance(item, tuple) and item[0] == "reap":
-                        reaps.append(item[1])
+                    if isinstance(item, _Reap):
+                        reaps.append(item.now)
                     else:
                         rows.append(item)  # type: ignore[arg-type]
                     if len(rows) >= 1024:

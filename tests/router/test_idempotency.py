@@ -295,6 +295,20 @@ async def test_sqlite_replays_a_response_whose_batch_has_not_committed(tmp_path:
         await reopened.close()
 
 
+async def test_a_merchant_named_like_the_writers_own_messages_is_just_a_merchant(tmp_path: Path) -> None:
+    store = SqliteIdempotencyStore(tmp_path / "idem.db")
+    try:
+        for merchant in ("alpha", "reap"):
+            await store.claim(merchant, "k1", "fp")
+            await store.complete(merchant, "k1", RESPONSE)
+        await store.close()
+        store = SqliteIdempotencyStore(tmp_path / "idem.db")
+        assert (await store.claim("alpha", "k1", "fp")).replay == RESPONSE
+        assert (await store.claim("reap", "k1", "fp")).replay == RESPONSE
+    finally:
+        await store.close()
+
+
 async def test_sqlite_reaps_expired_records_from_the_file(tmp_path: Path) -> None:
     import sqlite3
 
