@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -65,6 +66,7 @@ _REAP = (
 )
 _LIVE_KEYS = "SELECT merchant_id, key FROM idempotency_records WHERE expires_at > ?"
 _REAP_CHUNK = 10_000
+log = logging.getLogger("payroute.idempotency")
 _STOP = object()
 
 
@@ -174,6 +176,7 @@ class SqliteIdempotencyStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Future[None] | None = None
         self.write_errors = 0
+        self._next_error_log = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -337,6 +340,10 @@ class SqliteIdempotencyStore:
         except sqlite3.Error:
             # not fatal: the records stay in process until a later batch commits them
             self.write_errors += 1
+            if time.monotonic() >= self._next_error_log:
+                self._next_error_log = time.monotonic() + 10
+                log.warning("idempotency records not written yet (kept in memory, retried)", exc_info=True,
+                            extra={"path": str(self.path), "pending": len(rows), "errors": self.write_errors})
             if rows:
                 for r in rows:
                     self._queue.put(r)
