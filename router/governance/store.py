@@ -40,7 +40,7 @@ from router.governance.model import (
     RequestStatus,
     SignedHead,
 )
-from router.store.schema import Migration
+from router.store.schema import Migration, split_statements
 from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
@@ -344,18 +344,6 @@ class _SqliteTx:
         return rows
 
 
-def _split_statements(script: str) -> list[str]:
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending)
-            pending = ""
-    if pending.strip():
-        statements.append(pending)
-    return statements
-
-
 class SqliteGovernanceStore(_SqlStore):
     """One connection on one thread (governance traffic is a few writes a minute); an asyncio lock
     keeps one transaction at a time on it, and `BEGIN IMMEDIATE` keeps other processes out."""
@@ -401,7 +389,7 @@ class SqliteGovernanceStore(_SqlStore):
                 if current > len(self._migrations):
                     raise RuntimeError(f"{self.path}: governance schema {current} is newer than this code")
                 for m in self._migrations[current:]:
-                    for statement in _split_statements(m.sql):
+                    for statement in split_statements(m.sql):
                         conn.execute(statement)
                     conn.execute("INSERT INTO governance_schema_version (version) VALUES (?)", (m.version,))
                 conn.execute("COMMIT")

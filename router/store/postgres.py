@@ -38,7 +38,7 @@ import asyncpg
 import msgspec
 
 from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
-from router.store.schema import ChildRows, Migration, child_rows
+from router.store.schema import ChildRows, Migration, check_next_version, child_rows
 from router.store.schema import load_migrations as _load_migrations
 
 __all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
@@ -276,11 +276,7 @@ class PostgresStore:
         self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
         *, ledger: Sequence[LedgerEntry] = (),
     ) -> None:
-        if payment.version != expected_version + 1:
-            raise ValueError(
-                f"payment {payment.id}: version {payment.version} must be expected_version + 1 "
-                f"({expected_version + 1})"
-            )
+        check_next_version(payment, expected_version)
         row = (
             payment.status.value, payment.amount, payment.currency, payment.version,
             _ts(payment.updated_at), _encode(payment), payment.id, expected_version,

@@ -1,4 +1,5 @@
-"""What every store shares about the schema: versioned migrations and the child rows of a payment write.
+"""What every store shares about the schema: versioned migrations (and SQLite's statement splitting),
+the version rule of an update, and the child rows of a payment write.
 
 `load_migrations(package, dialect)` reads `<package>/migrations/<dialect>/NNNN_name.sql` in order and
 refuses gaps, so a release can never skip or reorder a step. `child_rows` builds the attempt,
@@ -8,6 +9,7 @@ only the timestamp representation differs, so the dialect passes its converter.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from importlib import resources
@@ -19,6 +21,28 @@ if TYPE_CHECKING:
     from router.money.ledger import LedgerEntry
 
 Row = tuple[object, ...]
+
+
+def split_statements(script: str) -> list[str]:
+    """A SQLite migration's statements one by one: executescript() would COMMIT first, and every
+    migration must run inside the caller's transaction."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    if pending.strip():
+        statements.append(pending)  # a trailing comment runs as a no-op; a truncated statement fails loudly
+    return statements
+
+
+def check_next_version(payment: Payment, expected_version: int) -> None:
+    """An update must move a payment exactly one version on from the one it read."""
+    if payment.version != expected_version + 1:
+        raise ValueError(
+            f"payment {payment.id}: version {payment.version} must be expected_version + 1 ({expected_version + 1})"
+        )
 
 
 class ChildRows(NamedTuple):

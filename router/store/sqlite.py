@@ -54,7 +54,7 @@ from router.store.base import (
     manual_endpoint_state,
     next_order_attempt,
 )
-from router.store.schema import Migration, child_rows
+from router.store.schema import Migration, check_next_version, child_rows, split_statements
 from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
@@ -313,19 +313,6 @@ def open_wal(conn: sqlite3.Connection, path: Path, prepare: Callable[[sqlite3.Co
     return conn
 
 
-def _split_statements(script: str) -> list[str]:
-    # executescript() would COMMIT first; splitting lets every migration run inside our transaction.
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending)
-            pending = ""
-    if pending.strip():
-        statements.append(pending)  # a trailing comment runs as a no-op; a truncated statement fails loudly
-    return statements
-
-
 def _apply_write(write: _Write, conn: sqlite3.Connection) -> None:
     payment_id, merchant_id, order_id = write.key
     if write.expected_version is None:
@@ -475,7 +462,7 @@ class SqliteStore:
                     f"({len(self._migrations)}): refusing to run against it"
                 )
             for migration in self._migrations[current:]:
-                for statement in _split_statements(migration.sql):
+                for statement in split_statements(migration.sql):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {migration.version}")
             conn.execute("COMMIT")
@@ -501,11 +488,7 @@ class SqliteStore:
         self, payment: Payment, expected_version: int, events: Sequence[OutboxEvent] = (),
         *, ledger: Sequence[LedgerEntry] = (),
     ) -> None:
-        if payment.version != expected_version + 1:
-            raise ValueError(
-                f"payment {payment.id}: version {payment.version} must be expected_version + 1 "
-                f"({expected_version + 1})"
-            )
+        check_next_version(payment, expected_version)
         row = (
             payment.status.value, payment.amount, payment.currency, payment.version,
             _ts(payment.updated_at), _encode(payment), payment.id, expected_version,
