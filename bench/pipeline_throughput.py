@@ -4,7 +4,9 @@ Both forward to the same zero-latency sandbox channel (its own process). The loa
 (Debian package `wrk`; a C program in its own process, C connections for D seconds, every request a new
 Idempotency-Key and order id: bench/wrk_payments.lua) or, without wrk, a closed loop of aiohttp clients
 in this process (`--generator python`, which costs the machine more CPU than the hop it measures).
-Prints requests/s and p50/p99 latency for both, and the ratio.
+Prints requests/s, p50/p99 latency and the CPU time its server process(es) spent per request (user +
+system, every thread, from /proc; the sandbox channel and the load generator not included) for both,
+and the ratio.
 
 Modes: `embedded` (SQLite, one process) or `scaleout` (Redis + PostgreSQL: a private redis-server on a
 free port and a fresh PostgreSQL database that is dropped afterwards; `--instances N` runs N payroute
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -110,6 +112,7 @@ class Services:
     db: Path
     payroute_pids: list[int]
     cleanup: list[Callable[[], None]]
+    hop_pids: list[int] = field(default_factory=list)
 
     @property
     def payroute_pid(self) -> int:
@@ -155,7 +158,7 @@ merchants: [{{id: bench, api_keys: [{{key: {KEY}}}]}}]
 
         spawn([sys.executable, "-m", "router.cli", "sandbox", "--config", str(tmp / "cfg.yaml")])
         for _ in range(instances):
-            spawn([sys.executable, "-c", BARE_HOP, str(hop), f"http://127.0.0.1:{sbx}"])
+            svc.hop_pids.append(spawn([sys.executable, "-c", BARE_HOP, str(hop), f"http://127.0.0.1:{sbx}"]).pid)
         # payroute without its own sandbox: the channel runs in the separate sandbox process above
         (tmp / "pr.yaml").write_text((tmp / "cfg.yaml").read_text().replace(f"sandbox: [{{name: sbx, port: {sbx}}}]\n", ""))
         serve = [sys.executable, "-m", "router.cli", "serve", "--config", str(tmp / "pr.yaml")]
@@ -180,6 +183,16 @@ def stop_services(svc: Services) -> None:
         p.wait()
     for undo in reversed(svc.cleanup):
         undo()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of these processes, all their threads (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(url: str, mode: str, connections: int, seconds: float) -> tuple[float, float, float, int]:
@@ -219,15 +232,17 @@ async def main() -> None:
     if args.instances > 1 and args.mode != "scaleout":
         ap.error("--instances > 1 needs --mode scaleout (embedded mode is one process)")
     svc = await start_services(mode=args.mode, instances=args.instances)
-    rows: list[tuple[str, float, float, float, int]] = []
+    rows: list[tuple[str, float, float, float, int, float]] = []  # name, req/s, p50, p99, errors, CPU us/req
     try:
         if args.generator == "wrk":
             run_wrk(svc.hop_url, "hop", args.concurrency, 2)  # warm-up
             run_wrk(svc.pr_url, "payroute", args.concurrency, 2)
-            for name, url, mode in (("bare aiohttp hop (baseline)", svc.hop_url, "hop"),
-                                    ("payroute full pipeline", svc.pr_url, "payroute")):
+            for name, url, mode, pids in (("bare aiohttp hop (baseline)", svc.hop_url, "hop", svc.hop_pids),
+                                          ("payroute full pipeline", svc.pr_url, "payroute", svc.payroute_pids)):
+                cpu0 = cpu_seconds(pids)
                 rps, p50, p99, bad = run_wrk(url, mode, args.concurrency, args.duration)
-                rows.append((name, rps, p50, p99, bad))
+                cpu_us = (cpu_seconds(pids) - cpu0) / max(rps * args.duration, 1) * 1e6
+                rows.append((name, rps, p50, p99, bad, cpu_us))
         else:
             card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"}
 
@@ -241,20 +256,24 @@ async def main() -> None:
             auth = {"Authorization": f"Bearer {KEY}"}
             await load(svc.hop_url, hop_body, args.concurrency, 1.0, {})  # warm-up
             await load(svc.pr_url, pr_body, args.concurrency, 1.0, auth)
-            for name, url, body, hdrs in (("bare aiohttp hop (baseline)", svc.hop_url, hop_body, {}),
-                                          ("payroute full pipeline", svc.pr_url, pr_body, auth)):
+            for name, url, body, hdrs, pids in (
+                ("bare aiohttp hop (baseline)", svc.hop_url, hop_body, {}, svc.hop_pids),
+                ("payroute full pipeline", svc.pr_url, pr_body, auth, svc.payroute_pids),
+            ):
+                cpu0 = cpu_seconds(pids)
                 n, lat, err = await load(url, body, args.concurrency, args.duration, hdrs)
-                rows.append((name, n / args.duration, pct(lat, 0.5), pct(lat, 0.99), err))
+                cpu_us = (cpu_seconds(pids) - cpu0) / max(n, 1) * 1e6
+                rows.append((name, n / args.duration, pct(lat, 0.5), pct(lat, 0.99), err, cpu_us))
     finally:
         stop_services(svc)
     storage = "SQLite" if args.mode == "embedded" else "Redis + PostgreSQL"
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; {args.mode} mode "
           f"({storage}), {args.instances} process(es) each; closed loop, {args.concurrency} connections, "
           f"{args.duration:.0f} s each; load generator: {args.generator}")
-    print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for name, rps, p50, p99, err in rows:
-        print(f"{name:28} {rps:9.0f} {p50:8.2f} {p99:8.2f} {err:7d}")
-    (_, hop_rps, hop_p50, _, _), (_, pr_rps, pr_p50, _, _) = rows
+    print(f"{'':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'server CPU us/req':>18}")
+    for name, rps, p50, p99, err, cpu_us in rows:
+        print(f"{name:28} {rps:9.0f} {p50:8.2f} {p99:8.2f} {err:7d} {cpu_us:18.0f}")
+    (_, hop_rps, hop_p50, _, _, _), (_, pr_rps, pr_p50, _, _, _) = rows
     print(f"ratio payroute / bare hop: {pr_rps / max(hop_rps, 1):.2f}x (target >= 0.6x); "
           f"median latency added: {pr_p50 - hop_p50:.2f} ms")
 
