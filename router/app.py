@@ -428,7 +428,6 @@ class Coordination:
 
     def __init__(self, cfg: Config, store: PaymentStore | None = None) -> None:
         self.redis: Redis | None = None
-        self.on_disk: SqliteIdempotencyStore | None = None
         if cfg.storage.mode == "scaleout":
             from router.duplicates import RedisFingerprintWindow
             from router.idempotency_redis import RedisIdempotencyStore, make_redis
@@ -445,8 +444,7 @@ class Coordination:
             if isinstance(store, SqliteStore):
                 from router.idempotency_sqlite import sidecar_path
 
-                self.on_disk = SqliteIdempotencyStore(sidecar_path(store.path), ttl_s=cfg.duplicates.idempotency_ttl_s)
-                self.idempotency = self.on_disk
+                self.idempotency = SqliteIdempotencyStore(sidecar_path(store.path), ttl_s=cfg.duplicates.idempotency_ttl_s)
             else:
                 self.idempotency = MemoryIdempotencyStore(ttl_s=cfg.duplicates.idempotency_ttl_s)
             self.locks = MemoryOrderLocks()
@@ -458,12 +456,12 @@ class Coordination:
                 await self.redis.ping()
 
     async def start(self) -> None:
-        if self.on_disk is not None:
-            await self.on_disk.start()
+        if isinstance(self.idempotency, SqliteIdempotencyStore):
+            await self.idempotency.start()
 
     async def close(self) -> None:
-        if self.on_disk is not None:
-            await self.on_disk.close()
+        if isinstance(self.idempotency, SqliteIdempotencyStore):
+            await self.idempotency.close()
         if self.redis is not None:
             await self.redis.aclose()
 
