@@ -5,8 +5,9 @@ The semantics are those of `router.idempotency` (Stripe's). What lives where:
   lapses after `in_flight_ttl_s`, like the other stores;
 - finished responses go to a SQLite file of their own (`<payments db stem>-idempotency.db`), written by
   one thread in batches (one transaction for everything queued meanwhile) and read through one reader
-  thread, so the event loop never touches the disk. Until its batch has committed a response is also
-  kept in process, so a replay never misses it;
+  thread, so the event loop never touches the disk. The loop hands the writer what finished within
+  `_HANDOVER_S` as one item (one thread wake-up per batch, not per response). Until its batch has
+  committed a response is also kept in process, so a replay never misses it;
 - expired records are deleted in the background (at most once a minute, in bounded chunks);
 - a Bloom filter of the keys on disk (about 1.2 MB per million keys, filled from the file at start)
   spares the disk lookup for a key never seen, which is nearly every request; a false positive (about
@@ -66,6 +67,9 @@ _REAP = (
 )
 _LIVE_KEYS = "SELECT merchant_id, key FROM idempotency_records WHERE expires_at > ?"
 _REAP_CHUNK = 10_000
+# Finished records wait this long on the loop, then go to the writer together: waking the writer thread
+# (and letting it take the GIL) once per response cost more CPU than writing the record (bench: ~-8 %).
+_HANDOVER_S = 0.002
 log = logging.getLogger("payroute.idempotency")
 _STOP = object()
 
@@ -170,6 +174,8 @@ class SqliteIdempotencyStore:
         # finished but not yet committed: (fingerprint, response, expires_at)
         self._unflushed: dict[tuple[str, str], tuple[str, StoredResponse, float]] = {}
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._handover: list[_Row] = []  # finished on the loop, not yet given to the writer
+        self._handover_timer: asyncio.TimerHandle | None = None
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._reader_conn: sqlite3.Connection | None = None
@@ -199,6 +205,7 @@ class SqliteIdempotencyStore:
         """Commit what is queued, then stop the threads."""
         if self._writer is None:
             return
+        self._hand_over()
         self._queue.put(_STOP)
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
@@ -270,8 +277,19 @@ class SqliteIdempotencyStore:
         expires_at = now + self._ttl
         self._filter.add(merchant_id, key, now)
         self._unflushed[k] = (rec.fingerprint, response, expires_at)
-        self._queue.put((merchant_id, key, rec.fingerprint, response.status, response.body, response.content_type,
-                         expires_at, self._ttl))
+        self._handover.append((merchant_id, key, rec.fingerprint, response.status, response.body,
+                               response.content_type, expires_at, self._ttl))
+        if self._handover_timer is None:
+            self._handover_timer = asyncio.get_running_loop().call_later(_HANDOVER_S, self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the writer what finished since the last hand-over, as one queue item."""
+        if self._handover_timer is not None:
+            self._handover_timer.cancel()
+            self._handover_timer = None
+        if self._handover:
+            rows, self._handover = self._handover, []
+            self._queue.put(rows)
 
     async def release(self, merchant_id: str, key: str) -> None:
         self._in_flight.pop((merchant_id, key), None)
@@ -313,7 +331,8 @@ class SqliteIdempotencyStore:
                     if isinstance(item, _Reap):
                         reaps.append(item.now)
                     else:
-                        rows.append(item)  # type: ignore[arg-type]
+                        assert isinstance(item, list)
+                        rows.extend(item)
                     if len(rows) >= 1024:
                         break
                     try:
@@ -345,8 +364,7 @@ class SqliteIdempotencyStore:
                 log.warning("idempotency records not written yet (kept in memory, retried)", exc_info=True,
                             extra={"path": str(self.path), "pending": len(rows), "errors": self.write_errors})
             if rows:
-                for r in rows:
-                    self._queue.put(r)
+                self._queue.put(rows)
                 time.sleep(0.1)
             return
         if rows and self._loop is not None:

@@ -16,6 +16,7 @@ wins. The lock only keeps the common case (a client double-clicking) from reachi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -80,6 +81,8 @@ class MemoryOrderLocks:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._held: dict[str, tuple[str, float]] = {}
+        # tokens only need to differ within this process: a counter, not a getrandom() per payment
+        self._tokens = map(str, itertools.count(1))
         self._next_reap = 0.0
 
     def _reap(self, now: float) -> None:
@@ -97,7 +100,7 @@ class MemoryOrderLocks:
         held = self._held.get(key)
         if held is not None and held[1] > now:
             return None
-        token = _new_token(key)
+        token = LockToken(key, next(self._tokens))
         self._held[key] = (token.token, now + ttl_ms / 1000)
         return token
 
