@@ -336,6 +336,44 @@ def _apply_write(write: _Write, conn: sqlite3.Connection) -> None:
         conn.executemany(_INSERT_LEDGER, write.ledger)
 
 
+def _apply_writes(conn: sqlite3.Connection, writes: list[_Write]) -> list[None]:
+    """`_apply_write` over a run of a batch, without a SAVEPOINT per write and with one statement per
+    table for the run (updates and child rows by executemany). The same rows as one by one: the writes
+    of one run are of different payments, or else of versions that follow each other, applied in order.
+    A write that fails on its own (`DuplicateOrder`, an integrity error, an update that finds no row at
+    its version) makes the run go one by one, so it alone fails."""
+    updates: list[_Row] = []
+    attempts: list[_Row] = []
+    operations: list[_Row] = []
+    outbox: list[_Row] = []
+    ledger: list[_Row] = []
+    for w in writes:
+        if w.expected_version is None:
+            payment_id, merchant_id, order_id = w.key
+            existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
+            attempt = next_order_attempt(existing, payment_id, w.retry_failed_order)
+            if conn.execute(_INSERT_PAYMENT, (*w.payment_row, attempt)).rowcount == 0:
+                raise _OneByOne
+        else:
+            updates.append(w.payment_row)
+        attempts += w.attempts
+        operations += w.operations
+        outbox += w.outbox
+        ledger += w.ledger
+    # rowcount sums the rows of every statement: fewer means some update found no row at its version
+    if updates and conn.executemany(_UPDATE_PAYMENT, updates).rowcount != len(updates):
+        raise _OneByOne
+    if attempts:
+        conn.executemany(_UPSERT_ATTEMPT, attempts)
+    if operations:
+        conn.executemany(_UPSERT_OPERATION, operations)
+    if outbox:
+        conn.executemany(_INSERT_OUTBOX, outbox)
+    if ledger:
+        conn.executemany(_INSERT_LEDGER, ledger)
+    return [None] * len(writes)
+
+
 class SqliteStore:
     def __init__(
         self,
@@ -514,7 +552,7 @@ class SqliteStore:
             ledger=children.ledger,
             retry_failed_order=retry_failed_order,
         )
-        job: _Job[None] = _Job(partial(_apply_write, write), loop, loop.create_future())
+        job: _Job[None] = _Job(partial(_apply_write, write), loop, loop.create_future(), write, _apply_writes)
         self._writer.submit(job)
         await job.future
 

@@ -218,6 +218,36 @@ async def test_failed_write_in_a_batch_leaves_the_others_committed(store: Sqlite
     assert store.stats.transactions < store.stats.writes == 100
 
 
+async def test_updates_of_one_batch_write_their_rows_and_a_stale_one_fails_alone(store: SqliteStore, db: Path) -> None:
+    # a run of writes in a batch goes through one statement per table (no SAVEPOINT each); a stale version
+    # among them must still fail alone and leave nothing of itself, the others committed with their rows
+    payments = [make_payment(i) for i in range(60)]
+    await asyncio.gather(*(store.insert_payment(p) for p in payments))
+    done = [
+        advanced(p, Status.CAPTURED, channel="sbx", attempts=[Attempt(
+            seq=1, channel="sbx", outcome=Outcome.APPROVED, code="ok", latency_ms=1.0, channel_key=f"{p.id}-a1",
+            started_at=T0)])
+        for p in payments
+    ]  # fmt: skip
+    transactions = store.stats.transactions
+    await asyncio.gather(*(store.update_payment(d, 1, [event(d, "captured")]) for d in done[:30]))
+    assert store.stats.transactions - transactions < 30  # batched
+    stale = msgspec.structs.replace(done[45], version=8)  # not the version the row is at
+    results = await asyncio.gather(
+        *(store.update_payment(d, 1, [event(d, "captured")]) if i != 45 else
+          store.update_payment(stale, 7, [event(d, "captured")])
+          for i, d in enumerate(done) if i >= 30),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert [i + 30 for i, r in enumerate(results) if r is not None] == [45]
+    assert isinstance(results[15], VersionConflict)
+    for i, (p, d) in enumerate(zip(payments, done, strict=True)):
+        assert await store.get_payment(p.id) == (p if i == 45 else d)
+    written = [p.id for i, p in enumerate(payments) if i != 45]
+    assert [r[0] for r in await query(db, "SELECT payment_id FROM attempts ORDER BY payment_id")] == written
+    assert [r[0] for r in await query(db, "SELECT payment_id FROM outbox ORDER BY payment_id")] == written
+
+
 async def test_group_commit_puts_many_writes_in_one_transaction(store: SqliteStore) -> None:
     await asyncio.gather(*(store.insert_payment(make_payment(i)) for i in range(200)))
 
