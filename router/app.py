@@ -184,7 +184,7 @@ async def idempotent(
     store = request.app[IDEMPOTENCY]
     # keyed: the parameters include card data, so a plain hash would be brute-forceable
     material = request.method.encode() + b" " + request.path.encode() + b"\n" + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-    fingerprint = hmac.new(rt.fingerprint_key, material, hashlib.sha256).hexdigest()
+    fingerprint = hmac.digest(rt.fingerprint_key, material, "sha256").hex()
     claim = await store.claim(merchant, key, fingerprint)
     crash_point("after_claim")
     if claim.replay is not None:

@@ -162,10 +162,11 @@ def payment_body(p: Payment) -> bytes:
 def event_for(p: Payment, kind: str | None = None) -> OutboxEvent:
     etype = f"payment.{kind or p.status.value}"
     eid = new_id("evt")
+    now = utcnow()  # one clock reading for the event's row and its payload
     payload = orjson.dumps(
-        {"id": eid, "type": etype, "created_at": utcnow().isoformat(), "data": orjson.Fragment(payment_body(p))}
+        {"id": eid, "type": etype, "created_at": now.isoformat(), "data": orjson.Fragment(payment_body(p))}
     )
-    return OutboxEvent(id=eid, merchant_id=p.merchant_id, payment_id=p.id, type=etype, payload=payload)
+    return OutboxEvent(id=eid, merchant_id=p.merchant_id, payment_id=p.id, type=etype, payload=payload, created_at=now)
 
 
 class Pipeline:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import hmac
 import re
 from collections.abc import Mapping
@@ -90,7 +89,7 @@ def card_fingerprint(pan: str, key: bytes) -> str:
     """A keyed HMAC-SHA256 of the PAN (32 hex chars): equal per key, unrecoverable without it."""
     if not key:
         raise ValueError("the card fingerprint key must not be empty")
-    return hmac.new(key, pan.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(key, pan.encode("utf-8"), "sha256").hex()[:32]  # one C call (OpenSSL), as hmac.new
 
 
 # (prefix width, low, high, brand). The ranges do not overlap; UnionPay's 622126-622925, which

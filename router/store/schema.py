@@ -66,7 +66,7 @@ def child_rows(
             (o.id, payment.id, o.kind, o.amount, o.status, o.channel_reference, o.code, ts(o.created_at))
             for o in payment.operations
         ],
-        outbox=[(e.id, e.merchant_id, e.payment_id, e.type, e.payload, ts(e.created_at), ts(e.created_at))
+        outbox=[(e.id, e.merchant_id, e.payment_id, e.type, e.payload, (at := ts(e.created_at)), at)
                 for e in events],
         ledger=[
             (e.id, e.txn_id, e.account, e.amount, e.currency, e.payment_id, e.merchant_id, e.kind, ts(e.created_at))

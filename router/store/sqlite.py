@@ -290,14 +290,28 @@ _INSERT_LEDGER = """INSERT INTO ledger_entries (id, txn_id, account, amount_mino
     merchant_id, kind, posted_at) VALUES (?,?,?,?,?,?,?,?,?)"""
 
 
+# The last datetime formatted and its text: a write formats the same object several times in a row
+# (an outbox row's two stamps, every ledger entry of a change, a payment's created_at on each write).
+# It holds a reference, so `is` can never match another object; swapping the tuple is atomic.
+_last_ts: tuple[datetime | None, str] = (None, "")
+
+
 def _ts(dt: datetime) -> str:
     # Fixed width (always microseconds, always Z) so that text comparison is time comparison.
-    if dt.tzinfo is None:
+    global _last_ts
+    last = _last_ts
+    if last[0] is dt:
+        return last[1]
+    tz = dt.tzinfo
+    if tz is None:
         raise ValueError(f"naive datetime {dt!r}: the store only takes aware UTC datetimes")
-    u = dt.astimezone(UTC)
+    u = dt if tz is UTC else dt.astimezone(UTC)
     if u.year >= 1000:  # the common case, ~3x cheaper than strftime; same text (isoformat pads 4-digit years)
-        return u.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-    return u.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        text = u.isoformat(timespec="microseconds")[:-6] + "Z"  # without its "+00:00"
+    else:
+        text = u.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _last_ts = (dt, text)
+    return text
 
 
 def open_wal(conn: sqlite3.Connection, path: Path, prepare: Callable[[sqlite3.Connection], object]) -> sqlite3.Connection:
