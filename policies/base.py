@@ -62,6 +62,7 @@ class StepTrace(NamedTuple):
 
 
 _name = attrgetter("name")
+_new_trace = tuple.__new__
 
 
 class Chain:
@@ -79,13 +80,15 @@ class Chain:
         removed: dict[str, str] = {}
         trace: list[StepTrace] = []
         current = candidates
+        names: tuple[str, ...] = ()
         for step in self.steps:
             nxt = step(ctx, current)
-            names = tuple(map(_name, nxt))
-            if len(nxt) != len(current):
-                for c in current:
-                    if c.name not in names:
-                        removed[c.name] = step.name
-            trace.append(StepTrace(step.name, names))
+            if nxt is not current or not trace:  # a step that kept its input as is: same names
+                names = tuple(map(_name, nxt))
+                if len(nxt) != len(current):
+                    for c in current:
+                        if c.name not in names:
+                            removed[c.name] = step.name
+            trace.append(_new_trace(StepTrace, (step.name, names)))  # StepTrace(...) without its Python __new__
             current = nxt
         return current, removed, trace

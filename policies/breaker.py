@@ -10,7 +10,10 @@ class BreakerFilter:
     name = "breaker"
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        return tuple(c for c in candidates if not c.breaker_open)
+        for c in candidates:
+            if c.breaker_open:
+                return tuple([c for c in candidates if not c.breaker_open])
+        return candidates  # the common case: nothing open, nothing to copy
 
 
 def breaker(params: NoParams, env: PolicyEnv) -> BreakerFilter:

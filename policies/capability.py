@@ -1,6 +1,7 @@
 """Filters on what a channel can do: currency, country, payment method.
 
 Each keeps the candidates whose capabilities admit the payment (None in a capability means any).
+When every candidate is kept, the input tuple itself is returned (the chain then skips re-tracing it).
 """
 
 from __future__ import annotations
@@ -13,25 +14,27 @@ class CurrencyFilter:
     name = "currency"
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        return tuple(
-            c for c in candidates if c.capabilities.currencies is None or ctx.currency in c.capabilities.currencies
-        )
+        currency = ctx.currency
+        kept = [c for c in candidates if c.capabilities.currencies is None or currency in c.capabilities.currencies]
+        return candidates if len(kept) == len(candidates) else tuple(kept)
 
 
 class CountryFilter:
     name = "country"
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        return tuple(
-            c for c in candidates if c.capabilities.countries is None or ctx.country in c.capabilities.countries
-        )
+        country = ctx.country
+        kept = [c for c in candidates if c.capabilities.countries is None or country in c.capabilities.countries]
+        return candidates if len(kept) == len(candidates) else tuple(kept)
 
 
 class MethodFilter:
     name = "method"
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        return tuple(c for c in candidates if ctx.method in c.capabilities.methods)
+        method = ctx.method
+        kept = [c for c in candidates if method in c.capabilities.methods]
+        return candidates if len(kept) == len(candidates) else tuple(kept)
 
 
 def currency(params: NoParams, env: PolicyEnv) -> CurrencyFilter:

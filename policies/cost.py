@@ -7,7 +7,8 @@ the highest volume tier with `monthly_volume_from <= monthly_volume`, else the s
 
     fee = max(min_fee, fixed + round_half_even(amount * percent_bp / 10000))
 
-in minor units, integer arithmetic only: the single rounding rule, applied in `fee` and nowhere else.
+in minor units, integer arithmetic only: the single rounding rule, applied in `schedule_fee` (which `fee`
+calls) and nowhere else.
 
 p is the channel's estimated success rate from `env.state["success_stats"]` when the wiring provides
 it, else `default_success`. Monthly volume per channel comes from `env.state["monthly_volume"]` (same
@@ -93,6 +94,12 @@ def fee(schedule: Schedule | Mapping[str, Schedule], amount: int, currency: str,
         if found is None:
             raise KeyError(f"no fee schedule for {currency} and no default")
         schedule = found
+    return schedule_fee(schedule, amount, monthly_volume)
+
+
+def schedule_fee(schedule: Schedule, amount: int, monthly_volume: int = 0) -> int:
+    """`fee` for one resolved schedule: the rate by precedence (amount tier, volume tier, the schedule's
+    own), then max(min_fee, fixed + round_half_even(amount * percent_bp / 10000)), the only rounding."""
     percent_bp, fixed = schedule.percent_bp, schedule.fixed
     for tier in schedule.tiers:
         if tier.up_to_amount is None or amount <= tier.up_to_amount:
@@ -103,7 +110,8 @@ def fee(schedule: Schedule | Mapping[str, Schedule], amount: int, currency: str,
             if vt.monthly_volume_from <= monthly_volume:
                 percent_bp, fixed = vt.percent_bp, vt.fixed
                 break
-    return max(schedule.min_fee, fixed + round_half_even(amount * percent_bp, 10_000))
+    f = fixed + round_half_even(amount * percent_bp, 10_000)
+    return f if f > schedule.min_fee else schedule.min_fee
 
 
 class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -191,15 +199,21 @@ class CostRanker:
         stats = self.stats
         score = stats.score if stats is not None else None
         prior, ms, ks, opt = self.default_success, self.min_samples, self.key_samples, self.optimism
+        cached = self._schedules.get
         for c in candidates:
-            schedule = self._schedule(c.fees, currency) if c.fees is not None else None
+            raw = c.fees
+            if raw is None:
+                unpriced.append(c)
+                continue
+            hit = cached((id(raw), currency))  # `_schedule`'s cache hit, inlined
+            schedule = hit[1] if hit is not None and hit[0] is raw else self._schedule(raw, currency)
             if schedule is None:
                 unpriced.append(c)
                 continue
-            f = fee(schedule, amount, currency, volume(c.name, 0))
+            f = schedule_fee(schedule, amount, volume(c.name, 0))
             p = score(c.name, key, prior, ms, opt, ks) if score is not None else prior
             priced.append((-p * (amount - f), f, c.name, c))
-        priced.sort(key=lambda t: t[:3])
+        priced.sort()  # by (-ev, fee, name); names are unique, so candidates themselves are never compared
         unpriced.sort(key=lambda c: (c.priority, c.name))
         ranked = [*(t[3] for t in priced), *unpriced]
         flat_explore(ctx, ranked, self.explore, "cost")

@@ -422,7 +422,7 @@ class SuccessStats:
         if self._remote:
             p, n = self._estimate(channel, key, prior, min_samples, key_samples)
             down = self.is_down(channel)
-        else:
+        else:  # (w.p >= 0 whenever the cell has evidence: `_predict` only returns -1 for n == 0)
             watch = self._watch
             w = watch.get((channel, ""))
             down = False
@@ -432,8 +432,7 @@ class SuccessStats:
             else:
                 cell = w.cell
                 n = cell.ss + cell.sf
-                rate = w.p if w.p >= 0.0 else (cell.ss / n if n > 0 else 0.0)
-                p = (rate * n + prior * min_samples) / (n + min_samples) if n > 0 else prior
+                p = (w.p * n + prior * min_samples) / (n + min_samples) if n > 0.0 else prior
                 if w.seen:
                     stale = self._key_events[""] - w.seen
                     if stale > 0:
@@ -448,13 +447,12 @@ class SuccessStats:
                     cell = wk.cell
                     nk = cell.ss + cell.sf
                     if nk > 0.0:
-                        rate = wk.p if wk.p >= 0.0 else cell.ss / nk
                         if wk.seen:
                             stale = self._key_events[key] - wk.seen
                             if stale > 0:
                                 nk *= self._stale ** stale
                         m = min_samples if key_samples is None else key_samples
-                        p = (rate * nk + p * m) / (nk + m)
+                        p = (wk.p * nk + p * m) / (nk + m)
                     n = nk
         if optimism > 0.0:
             if self._pending:
@@ -524,8 +522,12 @@ class SuccessRateRanker:
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         if len(candidates) < 2:
             return candidates
-        score = self.scores(ctx, candidates)
-        ranked = sorted(candidates, key=lambda c: (-score[c.name], c.priority, c.name))
+        key = dimension_key(self.dimension, ctx)
+        score = self.stats.score
+        ms, ks, prior, opt = self.min_samples, self.key_samples, self.prior, self.optimism
+        keyed = [(-score(c.name, key, prior, ms, opt, ks), c.priority, c.name, c) for c in candidates]
+        keyed.sort()  # names are unique, so candidates themselves are never compared
+        ranked = [t[3] for t in keyed]
         flat_explore(ctx, ranked, self.explore, "success_rate")
         return tuple(ranked)
 

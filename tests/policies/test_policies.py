@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.base import Chain
+from policies.base import Chain, StepTrace
 from policies.registry import POLICIES, build
 from router.model import Candidate, Capabilities, RouteContext
 
@@ -72,6 +72,22 @@ def test_chain_records_which_policy_removed_each_channel(ctx: RouteContext, cand
     assert {c.name for c in plan} | set(removed) == {c.name for c in cands}
     assert not {c.name for c in plan} & set(removed)
     assert set(removed.values()) <= set(FILTERS)
+
+
+@given(contexts, candidates)
+def test_chain_trace_is_each_steps_output_even_when_a_step_keeps_its_input(
+    ctx: RouteContext, cands: tuple[Candidate, ...]
+) -> None:
+    steps = [build(n, {}) for n in ["breaker", "currency", "breaker", "priority"]]
+    plan, removed, trace = Chain("default", steps).explain(ctx, cands)
+    current = cands
+    for step, (policy, output) in zip(steps, trace, strict=True):
+        current = step(ctx, current)
+        assert policy == step.name
+        assert output == tuple(c.name for c in current)
+    assert plan == current
+    assert all(isinstance(t, StepTrace) for t in trace)
+    assert [c.name for c in plan] == list(trace[-1].output)
 
 
 def test_registry_lists_every_policy_module() -> None:
