@@ -431,7 +431,7 @@ class SqliteStore:
             raise RuntimeError(f"SqliteStore cannot start: it is {self._state}")
         conn = await asyncio.to_thread(self._open_writer_connection)
         try:
-            outbox_conn = await asyncio.to_thread(self._connect)
+            outbox_conn = await asyncio.to_thread(self._writer_connect)
         except BaseException:
             conn.close()
             raise
@@ -481,7 +481,17 @@ class SqliteStore:
         return conn
 
     def _open_writer_connection(self) -> sqlite3.Connection:
-        return open_wal(self._connect(), self.path, self._migrate)
+        return open_wal(self._writer_connect(), self.path, self._migrate)
+
+    def _writer_connect(self) -> sqlite3.Connection:
+        conn = self._connect()
+        # A write inside a SAVEPOINT (each item of a batch, each merged run) copies every page it changes to
+        # the sub-journal first, which spills from memory to a temp file past 64 KiB: a file created,
+        # written and unlinked per batch, about one pwrite() per page the batch changes. In memory it
+        # costs no syscall; it holds at most the pages one batch changes, and is not part of durability
+        # (the WAL is; a crash mid-batch loses the uncommitted batch either way).
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
 
     def _checkpointer_main(self) -> None:
         """Copy committed WAL frames into the database file every `_CHECKPOINT_EVERY_S`, on a connection
