@@ -554,10 +554,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _governance(app: web.Application) -> GovernanceService | None:
     """The governance service when maker-checker is on and running, else None."""
+    if not app[RUNTIME].current.config.governance.enabled:
+        return None  # before the import: this runs on every payment
     from router.governance.api import GOVERNANCE
 
     holder = app.get(GOVERNANCE)
-    return holder.service if holder is not None and app[RUNTIME].current.config.governance.enabled else None
+    return holder.service if holder is not None else None
 
 
 ACTIVITY_REFRESH_S = 300.0

@@ -30,7 +30,6 @@ from collections.abc import Mapping
 import msgspec
 import pycountry
 from babel.numbers import get_currency_precision
-from stdnum import luhn
 
 from router.errors import FieldError, invalid_request
 from router.model import CardSummary, PaymentMethod, PaymentRequest, SensitiveCard
@@ -133,6 +132,15 @@ _UNKNOWN_BRAND_LENGTHS = frozenset(range(12, 20))
 
 def _is_digits(value: str) -> bool:
     return value.isascii() and value.isdigit()
+
+
+_DOUBLED = str.maketrans("0123456789", "0246813579")  # a digit doubled, the digits of that summed
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn check of a non-empty string of ASCII digits: `stdnum.luhn.is_valid`'s answer for those,
+    in two C-level passes (~10x cheaper; it runs on every card payment)."""
+    return (sum(map(int, digits[-1::-2])) + sum(map(int, digits[-2::-2].translate(_DOUBLED)))) % 10 == 0
 
 
 def card_brand(pan: str) -> str | None:
@@ -296,7 +304,7 @@ def _card_number(value: object, errs: _Errors) -> str | None:
     if not isinstance(value, str) or not _is_digits(value):
         errs.add(field, "invalid_card_number", "must be a string of digits without separators")
         return None
-    if not luhn.is_valid(value):
+    if not luhn_valid(value):
         errs.add(field, "invalid_card_number", "is not a valid card number")
         return None
     if len(value) not in _BRAND_LENGTHS.get(card_brand(value) or "", _UNKNOWN_BRAND_LENGTHS):

@@ -856,3 +856,16 @@ def test_bad_wallet_methods(method: dict[str, Any], field: str, code: str) -> No
     with pytest.raises(ProblemError) as e:
         validate_payment(body, merchant_id="m", fingerprint_key=b"k", limits=Limits(), today=TODAY)
     assert (field, code) in [(x.field, x.code) for x in e.value.errors]
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=25))
+def test_luhn_check_agrees_with_stdnum(digits: str) -> None:
+    from stdnum import luhn
+
+    assert router.validation.luhn_valid(digits) is luhn.is_valid(digits)
+
+
+def test_luhn_check_on_known_numbers() -> None:
+    assert router.validation.luhn_valid("4242424242424242")
+    assert router.validation.luhn_valid("378282246310005")
+    assert not router.validation.luhn_valid("4242424242424241")
