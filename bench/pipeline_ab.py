@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline_throughput import KEY, cpu_seconds, free_port, wait_port
+from pipeline_throughput import KEY, cpu_seconds, free_port, wait_port, wrk_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,18 +60,6 @@ def wrk(url: str, connections: int, seconds: float) -> subprocess.Popen[str]:
          "--", "payroute", KEY, f"{time.time_ns()}"],
         stdout=subprocess.PIPE, text=True,
     )
-
-
-def rate(out: str) -> tuple[float, int]:
-    """(requests/s, non-2xx responses + socket errors) from wrk's output."""
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if m is None:
-        raise RuntimeError(f"wrk printed no rate:\n{out}")
-    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sock is not None:
-        bad += sum(int(x) for x in sock.groups())
-    return float(m.group(1)), bad
 
 
 async def main() -> None:
@@ -114,7 +101,7 @@ async def main() -> None:
             outs = {n: running[n].communicate()[0] for n in "AB"}
             cells = []
             for n in "AB":
-                r_s, bad = rate(outs[n])
+                r_s, bad = wrk_rate(outs[n])
                 us = (cpu_seconds([pids[n]]) - before[n]) / max(r_s * args.duration, 1) * 1e6
                 cpu[n].append(us)
                 rps[n].append(r_s)

@@ -210,14 +210,20 @@ def run_wrk(url: str, mode: str, connections: int, seconds: float) -> tuple[floa
             raise RuntimeError(f"wrk printed no {label}th percentile:\n{out}")
         return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if rps is None:
+    rps, bad = wrk_rate(out)
+    return rps, ms("50"), ms("99"), bad
+
+
+def wrk_rate(out: str) -> tuple[float, int]:
+    """(requests/s, non-2xx responses + socket errors) from wrk's output."""
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}")
     bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock is not None:
         bad += sum(int(x) for x in sock.groups())
-    return float(rps.group(1)), ms("50"), ms("99"), bad
+    return float(m.group(1)), bad
 
 
 async def main() -> None:
