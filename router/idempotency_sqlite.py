@@ -14,7 +14,8 @@ The semantics are those of `router.idempotency` (Stripe's). What lives where:
   1 %) costs one lookup, and there are no false negatives.
 
 The file uses WAL with `synchronous=NORMAL`, and a record is committed by its batch just after its
-response went out: a crash (`kill -9`, a power cut) can lose the last milliseconds of records. That is
+response went out (handed over every `_HANDOVER_S`, 20 ms): a crash (`kill -9`, a power cut) can lose
+the last few tens of milliseconds of records. That is
 safe for money: the payment itself is in the durable record (`synchronous=FULL`, committed before the
 response), and a retry whose record was lost meets the unique `(merchant, merchant_order_id)` there and
 gets `409 duplicate_merchant_order_id` naming the payment, never a second charge (the same as Redis
