@@ -81,7 +81,8 @@ def add_lab_parser(subparsers: Any) -> None:
     lsub = lab.add_subparsers(dest="lab_command", required=True)
     run = lsub.add_parser("run", help="run scenarios", description=(
         "Simulate each scenario's strategies beside static priority and a hindsight oracle over seeds, "
-        "in virtual time. Prints a table; writes report.json and PNG plots into --out."))
+        "in virtual time. Prints a table and each strategy's loss against the oracle by phase (between "
+        "change points); writes report.json and PNG plots into --out."))
     run.add_argument("scenarios", nargs="+", metavar="SCENARIO.yaml")
     run.add_argument("--out", default="lab-out", help="output directory (default lab-out/)")
     run.add_argument("--seeds", type=_seeds, help="override the scenarios' seeds, e.g. 1,2,3")
@@ -164,10 +165,13 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
             "feedback": msgspec.to_builtins(sc.feedback), "learn_from": sc.learn_from,
             "stats": msgspec.to_builtins(sc.stats),
             "strategies_config": {s.name: s.chain for s in sc.strategies}, "series": ser,
+            "loss_by_phase": report.loss_by_phase(
+                runs, report.phase_bounds(change_tx, args.transactions or sc.transactions)),
         })
         if not args.no_plots:
             report.write_plots(out, sc.name, ser, change_tx)
     report.print_table(summaries, plain=args.plain)
+    report.print_loss_by_phase(entries)
     report.write_json(out / "report.json", {"definitions": report.DEFINITIONS, "scenarios": entries})
     print(f"report: {out / 'report.json'}" + ("" if args.no_plots else f"; plots: {out}/*.png"), file=sys.stderr)
     return 0

@@ -9,6 +9,9 @@ Definitions (also written into the JSON report under `definitions`):
 - gap captured: (EV strategy - EV static) / (EV oracle - EV static), ratio of the means over seeds,
   in %; n/a when the oracle is within 0.05 % of static (nothing to capture);
 - Δoracle: oracle expected approval - strategy expected approval, in points;
+- loss by phase: what a strategy lost against the oracle (EV) within each phase of the run, as a share
+  of what static lost over the whole run; phases run between change points (outage edges count), or
+  are the run's quarters when there are none; the shares add up to 100 - gap captured;
 - adaptation delay: per change point, transactions until the first window of `window` transactions
   after it where the first choice matches the oracle's best channel ≥ 80 % (None: never, before the
   next change point); the report gives the mean over the seeds that adapted and how many did not.
@@ -36,6 +39,8 @@ DEFINITIONS = {
     "delta_oracle_pts": "oracle expected approval - strategy expected approval, points",
     "adaptation_delay": "per change point: tx until the first window of `window` tx after it whose first "
                         "choices match the oracle's best channel >= 80 %; null = not before the next change",
+    "loss_by_phase": "per phase (between change points, else quarters of the run; at bucket resolution): "
+                     "sum of (oracle EV - strategy EV) over its payments / the same for static over the run * 100",
     "static": "filters + one fixed priority order, no breaker: the best order in hindsight on EV "
               "(or as configured by `static:`)",
     "oracle": "each payment to the eligible, up channel with the highest true EV at that moment",
@@ -97,6 +102,53 @@ def summarize(scenario: str, runs: Sequence[RunResult]) -> dict[str, Any]:
             "seeds": [r.seed for r in rs],
         }
     return {"scenario": scenario, "strategies": strategies}
+
+
+def phase_bounds(change_tx: Sequence[int], transactions: int) -> list[int]:
+    """Phase boundaries in tx: 0, the change points, the end; the run's quarters without change points."""
+    inner = sorted({c for c in change_tx if 0 < c < transactions})
+    if not inner:
+        inner = [transactions * k // 4 for k in (1, 2, 3)]
+    return [0, *inner, transactions]
+
+
+def loss_by_phase(runs: Sequence[RunResult], bounds: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """Per strategy and phase: EV lost against the oracle (mean over seeds), as % of static's whole loss.
+    Empty when there is no static run or static loses nothing."""
+    by: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by.setdefault(r.strategy, []).append(r)
+
+    def lost(name: str, lo: int, hi: int) -> float:
+        rs = by[name]
+        return statistics.fmean(
+            sum(v for b, v in enumerate(r.series_ev_lost) if lo <= b * r.bucket < hi) for r in rs
+        )
+
+    if "static" not in by:
+        return {}
+    static_total = lost("static", bounds[0], bounds[-1])
+    if static_total <= 0.0:
+        return {}
+    return {
+        name: [{"from_tx": lo, "to_tx": hi, "pct_of_static_loss": lost(name, lo, hi) / static_total * 100}
+               for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        for name in by if name != "oracle"
+    }
+
+
+def print_loss_by_phase(entries: Sequence[dict[str, Any]]) -> None:
+    """One line per scenario and learning strategy: where it lost against the oracle."""
+    lines = []
+    for e in entries:
+        for name, phases in (e.get("loss_by_phase") or {}).items():
+            if name == "static":
+                continue
+            parts = ", ".join(f"{p['from_tx']}-{p['to_tx']}: {p['pct_of_static_loss']:.1f}" for p in phases)
+            lines.append(f"  {e['scenario']} / {name}: {parts}")
+    if lines:
+        print("loss against the oracle by phase (tx ranges), % of static's loss over the run:")
+        print("\n".join(lines))
 
 
 def _pct(ms: tuple[float, float]) -> dict[str, float]:

@@ -214,6 +214,7 @@ class RunResult:
     series_approved: list[int] = field(default_factory=list)
     series_count: list[int] = field(default_factory=list)
     series_exp: list[float] = field(default_factory=list)  # sum of expected approval per bucket
+    series_ev_lost: list[float] = field(default_factory=list)  # sum of (oracle EV - this EV) per bucket
     series_share: dict[str, list[int]] = field(default_factory=dict)  # first choice per bucket
 
 
@@ -302,6 +303,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     s_app = [0] * nb
     s_cnt = [0] * nb
     s_exp = [0.0] * nb
+    s_lost = [0.0] * nb
     s_share = {n: [0] * nb for n in names}
     match = bytearray(n_tx)
     latencies: list[float] = []
@@ -347,6 +349,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             cands = tuple(opened[c] if t < open_until[c] else closed[c] for c in range(nc))
             plan = chain.run(tx.ctx, cands)[0]
         oev_sum += max(evs[best], 0.0)
+        s_lost[i // bucket] += max(evs[best], 0.0)
         oexp_sum += pays[best] if evs[best] > -math.inf else 0.0
         b = i // bucket
         s_cnt[b] += 1
@@ -354,6 +357,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             first = index[plan[0].name]
             ev_first = evs[first] if evs[first] > -math.inf else 0.0
             ev_sum += ev_first
+            s_lost[b] -= ev_first
             exp_sum += pays[first]
             s_exp[b] += pays[first]
             s_share[names[first]][b] += 1
@@ -421,6 +425,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
         latency_p50=_quantile(latencies, 0.50), latency_p99=_quantile(latencies, 0.99),
         adaptation=adaptation_delays(match, world.change_index, sc.window),
         bucket=bucket, series_approved=s_app, series_count=s_cnt, series_exp=s_exp, series_share=s_share,
+        series_ev_lost=s_lost,
     )
 
 

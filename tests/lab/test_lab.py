@@ -161,6 +161,26 @@ def test_adaptation_delay_definition() -> None:
     assert adaptation_delays(bytearray(100), [0], 20) == [None]
 
 
+def test_loss_by_phase_splits_what_gap_captured_leaves_between_change_points() -> None:
+    sc = scenario(
+        transactions=4000, static="primary", change_points=[2000],
+        channels=[{"name": "alpha", "priority": 1, "approval": {"points": [[1999, 0.95], [2000, 0.70]]}},
+                  {"name": "beta", "priority": 2, "approval": {"base": 0.88}}],
+    )
+    runs = run_seed(sc, 7) + run_seed(sc, 8)
+    bounds = report.phase_bounds(build_world(sc, 7).change_index, 4000)
+    assert bounds == [0, 2000, 4000]
+    assert report.phase_bounds([], 4000) == [0, 1000, 2000, 3000, 4000]
+    phases = report.loss_by_phase(runs, bounds)
+    summary = report.summarize("t", runs)
+    adaptive = phases["adaptive"]
+    assert sum(p["pct_of_static_loss"] for p in adaptive) == pytest.approx(
+        100 - summary["strategies"]["adaptive"]["gap_captured_pct"])
+    # static (alpha first) loses only after the change: its whole loss is in the second phase
+    assert [round(p["pct_of_static_loss"], 6) for p in phases["static"]] == [0.0, 100.0]
+    assert "oracle" not in phases
+
+
 def test_cli_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
@@ -169,7 +189,7 @@ def test_cli_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixtu
     parser = argparse.ArgumentParser()
     add_lab_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
-    args = parser.parse_args(["lab", "run", str(path), "--out", str(out), "--transactions", "1500",
+    args = parser.parse_args(["lab", "run", str(path), "--out", str(out), "--transactions", "8000",
                               "--seeds", "1,2", "--jobs", "1", "--plain"])
     assert cmd_lab_run(args) == 0
     data = json.loads((out / "report.json").read_text())
@@ -178,7 +198,12 @@ def test_cli_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert set(entry["strategies"]) == {"adaptive", "static", "oracle"}
     for name in ("outage-approval.png", "outage-share.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "gap captured" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gap captured" in printed and "loss against the oracle by phase" in printed
+    # 8,000 tx: the outage starts at tx 7,000 and outlasts the run, so the phases split there
+    phases = entry["loss_by_phase"]["adaptive"]
+    assert [(p["from_tx"], p["to_tx"]) for p in phases] == [(0, 7000), (7000, 8000)]
+    assert sum(p["pct_of_static_loss"] for p in entry["loss_by_phase"]["static"]) == pytest.approx(100)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsegments: []\nchannels: []\n")
