@@ -918,8 +918,9 @@ def _applied(op: Operation) -> Callable[[Payment], tuple[Status | None, dict[str
 
 
 def _refuse_while_pending(p: Payment, kinds: tuple[str, ...]) -> None:
-    """A capture or void whose outcome the channel has not told us blocks another capture or void: the
-    money may already have moved (it is settled by the channel's callback, a status query or an operator)."""
+    """An operation of one of `kinds` whose outcome the channel has not told us blocks this one (a capture or
+    void blocks captures and voids; any of them blocks a refund): the money may already have moved (it is
+    settled by the channel's callback, the janitor's re-send or an operator)."""
     for o in p.operations:
         if o.kind in kinds and o.status == "pending":
             raise ProblemError(

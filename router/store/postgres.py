@@ -38,7 +38,7 @@ import asyncpg
 import msgspec
 
 from router.errors import DuplicateOrder, StoreUnavailable, VersionConflict
-from router.store.schema import ChildRows, Migration, check_next_version, child_rows
+from router.store.schema import ChildRows, Migration, check_next_version, child_rows, settle_futures
 from router.store.schema import load_migrations as _load_migrations
 
 __all__ = ["PostgresStore", "StoreUnavailable", "load_migrations"]
@@ -498,13 +498,8 @@ class PostgresStore:
                         outcomes.append((None, await self._finish_one(f)))
                     except Exception as exc:  # noqa: BLE001 - handed to that result's caller
                         outcomes.append((exc, None))
-            for (_, future), (failure, result) in zip(group, outcomes, strict=True):
-                if future.done():  # the caller was cancelled; its result was written (or not) regardless
-                    continue
-                if failure is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(failure)
+            settle_futures([(future, failure, result)
+                            for (_, future), (failure, result) in zip(group, outcomes, strict=True)])
 
     async def _finish_one(self, f: _PgFinish) -> _Finished:
         claim, attempt, update = f.claim, f.attempt, f.update

@@ -1,5 +1,6 @@
 """What every store shares about the schema: versioned migrations (and SQLite's statement splitting),
-the version rule of an update, and the child rows of a payment write.
+the version rule of an update, the child rows of a payment write, and handing a group's results to
+their callers (`settle_futures`).
 
 `load_migrations(package, dialect)` reads `<package>/migrations/<dialect>/NNNN_name.sql` in order and
 refuses gaps, so a release can never skip or reorder a step. `child_rows` builds the attempt,
@@ -9,11 +10,12 @@ only the timestamp representation differs, so the dialect passes its converter.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from router.model import OutboxEvent, Payment
 
@@ -93,3 +95,15 @@ def load_migrations(package: str, dialect: str) -> list[Migration]:
     if [m.version for m in migrations] != list(range(1, len(migrations) + 1)):
         raise RuntimeError(f"{package} {dialect} migrations are not numbered 1..N: {[m.name for m in migrations]}")
     return migrations
+
+
+def settle_futures(settled: Sequence[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    """Give each waiting caller of a group write its result or exception; a cancelled caller's write
+    happened (or failed) regardless, so it is skipped. Runs on the futures' loop."""
+    for future, exc, result in settled:
+        if future.done():
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)

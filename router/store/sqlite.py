@@ -54,7 +54,7 @@ from router.store.base import (
     manual_endpoint_state,
     next_order_attempt,
 )
-from router.store.schema import Migration, check_next_version, child_rows, split_statements
+from router.store.schema import Migration, check_next_version, child_rows, settle_futures, split_statements
 from router.store.schema import load_migrations as _load_migrations
 
 T = TypeVar("T")
@@ -232,7 +232,7 @@ class _GroupWriter:
             by_loop.setdefault(job.loop, []).append((job.future, failure, result))
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, settled)
+                loop.call_soon_threadsafe(settle_futures, settled)
 
     def _alone(self, job: _Job[Any]) -> tuple[BaseException | None, Any]:
         conn = self._conn
@@ -327,27 +327,38 @@ def open_wal(conn: sqlite3.Connection, path: Path, prepare: Callable[[sqlite3.Co
     return conn
 
 
-def _apply_write(write: _Write, conn: sqlite3.Connection) -> None:
+def _insert_new(conn: sqlite3.Connection, write: _Write) -> bool:
+    """Insert a new payment; False when its id already exists. The order's payments are read and the row
+    inserted under the write lock (BEGIN IMMEDIATE): nobody can add a payment to this order in between,
+    so the decision and the id named are the ones that really hold. The unique indexes of migration
+    0004 are the backstop."""
     payment_id, merchant_id, order_id = write.key
-    if write.expected_version is None:
-        # Read and inserted under the write lock (BEGIN IMMEDIATE): nobody can add a payment to this
-        # order in between, so the decision and the id named are the ones that really hold. The
-        # unique indexes of migration 0004 are the backstop.
-        existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
-        attempt = next_order_attempt(existing, payment_id, write.retry_failed_order)
-        if conn.execute(_INSERT_PAYMENT, (*write.payment_row, attempt)).rowcount == 0:
-            raise sqlite3.IntegrityError(f"payment id {payment_id} already exists")
-    elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
-        raise VersionConflict(f"payment {payment_id} is no longer at version {write.expected_version}")
+    existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
+    attempt = next_order_attempt(existing, payment_id, write.retry_failed_order)
+    return bool(conn.execute(_INSERT_PAYMENT, (*write.payment_row, attempt)).rowcount)
+
+
+def _insert_children(
+    conn: sqlite3.Connection, attempts: list[_Row], operations: list[_Row], outbox: list[_Row], ledger: list[_Row]
+) -> None:
     # skip the empty ones: each executemany costs a statement-cache lookup and a reset under the GIL
-    if write.attempts:
-        conn.executemany(_UPSERT_ATTEMPT, write.attempts)
-    if write.operations:
-        conn.executemany(_UPSERT_OPERATION, write.operations)
-    if write.outbox:
-        conn.executemany(_INSERT_OUTBOX, write.outbox)
-    if write.ledger:
-        conn.executemany(_INSERT_LEDGER, write.ledger)
+    if attempts:
+        conn.executemany(_UPSERT_ATTEMPT, attempts)
+    if operations:
+        conn.executemany(_UPSERT_OPERATION, operations)
+    if outbox:
+        conn.executemany(_INSERT_OUTBOX, outbox)
+    if ledger:
+        conn.executemany(_INSERT_LEDGER, ledger)
+
+
+def _apply_write(write: _Write, conn: sqlite3.Connection) -> None:
+    if write.expected_version is None:
+        if not _insert_new(conn, write):
+            raise sqlite3.IntegrityError(f"payment id {write.key[0]} already exists")
+    elif conn.execute(_UPDATE_PAYMENT, write.payment_row).rowcount == 0:
+        raise VersionConflict(f"payment {write.key[0]} is no longer at version {write.expected_version}")
+    _insert_children(conn, write.attempts, write.operations, write.outbox, write.ledger)
 
 
 def _apply_writes(conn: sqlite3.Connection, writes: list[_Write]) -> list[None]:
@@ -363,10 +374,7 @@ def _apply_writes(conn: sqlite3.Connection, writes: list[_Write]) -> list[None]:
     ledger: list[_Row] = []
     for w in writes:
         if w.expected_version is None:
-            payment_id, merchant_id, order_id = w.key
-            existing = conn.execute(_ORDER_PAYMENTS, (merchant_id, order_id)).fetchall()
-            attempt = next_order_attempt(existing, payment_id, w.retry_failed_order)
-            if conn.execute(_INSERT_PAYMENT, (*w.payment_row, attempt)).rowcount == 0:
+            if not _insert_new(conn, w):
                 raise _OneByOne
         else:
             updates.append(w.payment_row)
@@ -377,14 +385,7 @@ def _apply_writes(conn: sqlite3.Connection, writes: list[_Write]) -> list[None]:
     # rowcount sums the rows of every statement: fewer means some update found no row at its version
     if updates and conn.executemany(_UPDATE_PAYMENT, updates).rowcount != len(updates):
         raise _OneByOne
-    if attempts:
-        conn.executemany(_UPSERT_ATTEMPT, attempts)
-    if operations:
-        conn.executemany(_UPSERT_OPERATION, operations)
-    if outbox:
-        conn.executemany(_INSERT_OUTBOX, outbox)
-    if ledger:
-        conn.executemany(_INSERT_LEDGER, ledger)
+    _insert_children(conn, attempts, operations, outbox, ledger)
     return [None] * len(writes)
 
 
@@ -1040,13 +1041,3 @@ def _sqlite_claim(
         )
         for r in rows
     ]
-
-
-def _settle(settled: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
-    for future, exc, result in settled:
-        if future.done():  # the caller was cancelled; its write still happened (or failed) regardless
-            continue
-        if exc is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exc)
