@@ -88,6 +88,7 @@ def add_lab_parser(subparsers: Any) -> None:
     run.add_argument("--seeds", type=_seeds, help="override the scenarios' seeds, e.g. 1,2,3")
     run.add_argument("--transactions", type=int, help="override the number of transactions per run")
     run.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    run.add_argument("--warmup", type=int, help="override: transactions learnt before the scored run (0: cold start)")
     run.add_argument("--feedback-delay-tx", type=int, help="override: outcomes learnt N transactions late")
     run.add_argument("--learn-from", choices=["all_attempts", "first_attempts"],
                      help="override what SuccessStats records (production: all_attempts)")
@@ -140,6 +141,11 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
             changes["feedback"] = msgspec.structs.replace(sc.feedback, delay_tx=args.feedback_delay_tx, delay_s=0.0)
         if args.learn_from:
             changes["learn_from"] = args.learn_from
+        if args.warmup is not None:
+            if args.warmup < 0:
+                print("--warmup must be 0 or more", file=sys.stderr)
+                return 2
+            changes["warmup"] = args.warmup
         scenarios.append(msgspec.structs.replace(sc, **changes) if changes else sc)
     if args.transactions is not None and args.transactions < 1:
         print("--transactions must be positive", file=sys.stderr)

@@ -17,6 +17,9 @@ A scenario describes a world and the strategies to try in it:
 - `feedback` delays what the success statistics learn (approvals and soft declines) by transactions
   or seconds; unavailability is known at once (the connection failed).
 - `strategies` are policy chains in the shape of `routing.default`, checked by the policy registry.
+- `warmup` transactions are learnt before the scored run, from the world as it is at the run's start
+  (every curve at clock 0, every channel up, the same traffic mix): the learning strategies start as a
+  router already in service does (its statistics survive restarts), not from nothing. 0: a cold start.
 
 `load_scenario(text)` / `load_scenario_file(path)` raise `router.errors.ConfigError` listing every
 problem as (path, message).
@@ -200,6 +203,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     static: Literal["hindsight", "primary"] | list[str] = "hindsight"
     strategies: list[Strategy] = msgspec.field(default_factory=list)
     window: Annotated[int, msgspec.Meta(ge=10)] = 200  # tx per rolling window (adaptation delay, plots)
+    warmup: Annotated[int, msgspec.Meta(ge=0)] = 0  # tx learnt before the scored run (0: cold start)
     # How the wiring feeds SuccessStats. Defaults are production's (router/pipeline.py): `StatsConfig()`,
     # approvals and soft declines of first attempts only (a fail-over attempt carries a card another
     # channel just soft-declined, which would bias the fallback channels down), and unavailable/unknown

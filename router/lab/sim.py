@@ -20,6 +20,11 @@ Strategies:
 Attempts follow production: approve or hard decline stops; soft decline, unavailable and an open
 breaker (skipped) fail over; unknown (a timeout after sending) stops, not approved.
 
+Warm-up (`Scenario.warmup`): before the scored run, a chain routes and learns from a second, separately
+seeded stream of that many transactions in which every curve is read at the run's starting clock and
+every channel is up; only first attempts are learnt, through the same delayed-feedback queue (so under
+delayed feedback the last warm-up outcomes arrive during the run). Static and the oracle learn nothing.
+
 Expected value of a decision (what regret and "gap captured" use) is that of its first attempt:
 (1 - hard_decline) * up * p * (amount - fee). Nothing here reads the wall clock or sleeps.
 """
@@ -31,7 +36,7 @@ import itertools
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +81,7 @@ class World:
     volume_tiered: list[bool]
     fees: list[cost.Fees | None]
     change_index: list[int]  # tx indexes of change points
+    warm: World | None = None  # the warm-up stream (`Scenario.warmup`), learnt before this one
 
 
 def _amount(rng: random.Random, a: Any) -> int:
@@ -103,9 +109,12 @@ def _is_down(wins: list[tuple[float, float]], x: float) -> bool:
     return any(s <= x < e for s, e in wins)
 
 
-def build_world(sc: Scenario, seed: int, transactions: int | None = None) -> World:
+def build_world(sc: Scenario, seed: int, transactions: int | None = None, at: float | None = None) -> World:
+    """The seeded world of one run. With `at`, the warm-up stream instead: its own seed and payment
+    ids, every curve read at clock `at`, no outages or downtimes."""
     n = transactions or sc.transactions
-    rng = random.Random(f"{sc.name}:{seed}")
+    rng = random.Random(f"{sc.name}:{seed}" if at is None else f"{sc.name}:{seed}:warmup")
+    id_prefix = f"{sc.name}-{seed}-" if at is None else f"{sc.name}-{seed}-warmup-"
     names = [c.name for c in sc.channels]
     nc = len(names)
     cum: list[float] = list(itertools.accumulate(s.weight for s in sc.segments))
@@ -128,7 +137,7 @@ def build_world(sc: Scenario, seed: int, transactions: int | None = None) -> Wor
     t = 0.0
     for i in range(n):
         t += rng.expovariate(sc.arrival_rate)
-        x = float(i) if sc.clock == "tx" else t
+        x = (float(i) if sc.clock == "tx" else t) if at is None else at
         si = bisect_right(cum, rng.random() * cum[-1])
         si = min(si, len(sc.segments) - 1)
         seg = sc.segments[si]
@@ -137,7 +146,7 @@ def build_world(sc: Scenario, seed: int, transactions: int | None = None) -> Wor
         width, lo, hi = seg_bins[si]
         card_bin = str(rng.randint(lo, hi)).zfill(width)
         ctx = RouteContext(
-            payment_id=f"{sc.name}-{seed}-{i}", merchant_id="lab", amount=amount, currency=seg.currency,
+            payment_id=f"{id_prefix}{i}", merchant_id="lab", amount=amount, currency=seg.currency,
             country=seg.country, method=seg.method, card_bin=card_bin, card_brand=seg.card_brand,
         )
         txs.append(Tx(i, t, x, si, amount, hard, blocked.get(seg.country), ctx))
@@ -151,7 +160,7 @@ def build_world(sc: Scenario, seed: int, transactions: int | None = None) -> Wor
         uu.append([rng.random() for _ in range(nc)])
         lms.append([math.exp(mu + sigma * rng.gauss(0.0, 1.0)) for mu, sigma in lat])
     horizon = float(n) if sc.clock == "tx" else t
-    downs = [_down_windows(sc, seed, c, horizon + 1.0) for c in range(nc)]
+    downs = [_down_windows(sc, seed, c, horizon + 1.0) if at is None else [] for c in range(nc)]
     up = [[not _is_down(downs[c], tx.x) for c in range(nc)] for tx in txs]
     eligible = [eligible_seg[tx.segment] for tx in txs]
     cps = sorted({*sc.change_points, *(e for ch in sc.channels for w in ch.outages for e in (w.start, w.end))})
@@ -310,6 +319,9 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     n = blocked = approved = failovers = unknown = violations = fee_total = 0
     exp_sum = oexp_sum = ev_sum = oev_sum = 0.0
 
+    if chain is not None and world.warm is not None:
+        _warm_up(world.warm, chain, closed, stats, pending, seq, index, delay_tx, delay_s)
+
     for tx in world.txs:
         i = tx.index
         if tx.blocked is not None:
@@ -429,6 +441,45 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     )
 
 
+def _warm_up(
+    warm: World, chain: Chain, closed: list[Candidate], stats: SuccessStats,
+    pending: list[tuple[float, int, str, RouteContext, bool]], seq: Iterator[int], index: dict[str, int],
+    delay_tx: int, delay_s: float,
+) -> None:
+    """Route and learn the warm-up stream (first attempts only, every channel up). Its clock ends just
+    before the run's first transaction: transaction indexes and times are shifted below 0, so delayed
+    outcomes still on their way arrive during the run."""
+    cands = tuple(closed)
+    n = len(warm.txs)
+    t_shift = warm.txs[-1].t if warm.txs else 0.0
+    for tx in warm.txs:
+        if tx.blocked is not None:
+            continue
+        i = tx.index - n  # -n .. -1
+        t = tx.t - t_shift - 1e-3
+        if pending:
+            key = float(i) if delay_tx else t
+            while pending and pending[0][0] <= key:
+                _, _, ch_name, pctx, ok = heapq.heappop(pending)
+                stats.record_outcome(ch_name, pctx, ok, t)
+        plan = chain.run(tx.ctx, cands)[0]
+        if not plan or tx.hard:
+            continue  # nothing sent, or the card's own decline: nothing to learn
+        c = index[plan[0].name]
+        if not warm.eligible[tx.index][c]:
+            continue
+        ok = warm.u[tx.index][c] < warm.q[tx.index][c]
+        verdict = counts_for_channel("approved" if ok else "soft_decline", None if ok else "do_not_honor")
+        if verdict is None:
+            continue
+        if delay_tx or delay_s:
+            reveal = float(i + delay_tx) if delay_tx else t + delay_s
+            heapq.heappush(pending, (reveal, next(seq), plan[0].name, tx.ctx, verdict))
+            stats.expect(plan[0].name, tx.ctx)
+        else:
+            stats.record_outcome(plan[0].name, tx.ctx, verdict, t)
+
+
 def _quantile(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return 0.0
@@ -474,6 +525,8 @@ def strategy_specs(sc: Scenario) -> list[StrategySpec]:
 def run_seed(sc: Scenario, seed: int, transactions: int | None = None) -> list[RunResult]:
     """Every strategy of the scenario over one seeded world."""
     world = build_world(sc, seed, transactions)
+    if sc.warmup:
+        world.warm = build_world(sc, seed, sc.warmup, at=world.txs[0].x if sc.clock == "s" else 0.0)
     results = []
     for spec in strategy_specs(sc):
         if spec.name == "static":

@@ -155,6 +155,61 @@ def test_delayed_feedback_is_not_visible_before_its_reveal() -> None:
     assert fast.adaptation[0] is not None and fast.adaptation[0] < 1500
 
 
+def test_warm_up_starts_a_learning_chain_warm_and_leaves_static_and_oracle_alone() -> None:
+    # beta is listed first (priority 1) but alpha is better: cold, the chain must find that out during
+    # the run; warm, it arrives knowing it
+    chans = [{"name": "alpha", "priority": 2, "approval": {"base": 0.95}},
+             {"name": "beta", "priority": 1, "approval": {"base": 0.70}}]
+    chain = [{"policy": "success_rate", "explore": 0.0, "min_samples": 1.0}]
+    cold_sc = scenario(channels=chans, strategies=[{"name": "s", "chain": chain}], transactions=1000)
+    warm_sc = msgspec.structs.replace(cold_sc, warmup=800)
+    cold = {r.strategy: r for r in run_seed(cold_sc, 7)}
+    warm = {r.strategy: r for r in run_seed(warm_sc, 7)}
+    for name in ("static", "oracle"):  # they learn nothing: the warm-up changes none of their figures
+        assert (cold[name].ev, cold[name].series_share) == (warm[name].ev, warm[name].series_share)
+    first = slice(0, 100 // warm["s"].bucket)
+    assert sum(warm["s"].series_share["alpha"][first]) == sum(warm["s"].series_count[first])
+    assert warm["s"].ev > cold["s"].ev
+    # the warm-up stream is its own: its payment ids never collide with the run's
+    world = build_world(warm_sc, 7)
+    warm_world = build_world(warm_sc, 7, 800, at=0.0)
+    assert not {t.ctx.payment_id for t in world.txs} & {t.ctx.payment_id for t in warm_world.txs}
+
+
+def test_warm_up_reads_the_curves_at_the_start_and_its_late_outcomes_arrive_during_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # alpha starts excellent and collapses at tx 10: a warm-up read at clock 0 sees only the excellent
+    chans = [{"name": "alpha", "approval": {"points": [[0, 0.97], [10, 0.20]]}},
+             {"name": "beta", "approval": {"base": 0.85}}]
+    sc = scenario(channels=chans, warmup=500)
+    warm_world = build_world(sc, 7, 500, at=0.0)
+    assert {round(q[0], 6) for q in warm_world.q} == {0.97}
+    assert all(all(up) for up in warm_world.up)
+
+    # outcomes 300 tx late: the warm-up's last 300 outcomes are learnt during the run, each at its reveal
+    from policies.success_rate import SuccessStats
+
+    steps = [{"policy": "success_rate", "explore": 0.0}]
+    late = msgspec.structs.replace(sc, feedback=msgspec.structs.replace(sc.feedback, delay_tx=300),
+                                   transactions=400, strategies=[{"name": "s", "chain": steps}])
+    learnt: list[tuple[str, float]] = []
+    original = SuccessStats.record_outcome
+
+    def spy(self: SuccessStats, channel: str, ctx: Any, success: bool, now: float, *a: Any, **k: Any) -> None:
+        learnt.append((ctx.payment_id, now))
+        original(self, channel, ctx, success, now, *a, **k)
+
+    monkeypatch.setattr(SuccessStats, "record_outcome", spy)
+    world = build_world(late, 7)
+    world.warm = build_world(late, 7, 500, at=0.0)
+    run_strategy(world, "s", steps)
+    warm_in_run = [int(pid.rsplit("-", 1)[1]) for pid, now in learnt if "-warmup-" in pid and now >= 0]
+    warm_before = [int(pid.rsplit("-", 1)[1]) for pid, now in learnt if "-warmup-" in pid and now < 0]
+    assert warm_in_run and warm_before
+    assert min(warm_in_run) >= 500 - 300 - 1 and max(warm_before) < 500 - 300 + 1
+
+
 def test_adaptation_delay_definition() -> None:
     match = bytearray([0] * 50 + [1] * 150)
     assert adaptation_delays(match, [0], 20) == [46]  # a window of 20 starting at d holds d - 30 matches: >= 16 from d = 46
