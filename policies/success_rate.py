@@ -467,6 +467,33 @@ class SuccessStats:
             cells.setdefault(channel, {})[key] = Cell(fs=cell.fs, ff=cell.ff, ss=cell.ss, sf=cell.sf, t=cell.t)
         return Snapshot(cells=cells)
 
+    def restore(self, snapshot: Snapshot) -> int:
+        """Start from counts saved earlier (`snapshot()` of a previous run: a restart), as if each key had
+        just restarted from them: no trend, no detector or outage state, no staleness. Only keys this
+        instance has not learned anything about yet are taken. Returns how many were restored."""
+        restored = 0
+        for channel, by_key in snapshot.cells.items():
+            for key, saved in by_key.items():
+                ck = (channel, key)
+                if ck in self._local:
+                    continue
+                cell = self._local[ck] = Cell(fs=saved.fs, ff=saved.ff, ss=saved.ss, sf=saved.sf, t=saved.t)
+                if key:
+                    self._keys.setdefault(channel, []).append(key)
+                w = self._watch[ck] = _Watch(cell)
+                # the slow window's age moments as a restart leaves them, so the trend starts flat
+                n = cell.ss + cell.sf
+                mu = self._slow
+                age = mu / (1.0 - mu)
+                w.a1 = n * age
+                w.a2 = n * (age * age + age / (1.0 - mu))
+                w.y1 = cell.ss * age
+                w.p = self._predict(cell.ss, cell.sf, w)
+                if cell.t is not None and cell.t > self.now:
+                    self.now = cell.t
+                restored += 1
+        return restored
+
     def merge(self, source: str, snapshot: Snapshot) -> None:
         """Take a peer's published counts into the estimates, replacing that peer's previous ones."""
         self._peers[source] = snapshot

@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
+from policies.success_rate import SuccessStats
 from router import __version__
 from router.config import Config, restart_only_changes
 from router.duplicates import FingerprintWindow, MemoryFingerprintWindow
@@ -653,6 +654,32 @@ def create_app(
         yield
         await app[RUNTIME].close()
 
+    async def stats_ctx(app: web.Application) -> AsyncIterator[None]:
+        """Embedded mode: load the statistics saved by the previous run before the first payment, save
+        them periodically and at shutdown (router/stats_store.py)."""
+        from router.store.sqlite import SqliteStore
+
+        stats = app[RUNTIME].current.env.state.get("success_stats")
+        if not isinstance(the_store, SqliteStore) or not isinstance(stats, SuccessStats):
+            yield
+            return
+        from router.stats_store import StatsFile, stats_path
+
+        saved = StatsFile(stats_path(the_store.path), stats)
+        restored = await asyncio.to_thread(saved.load)
+        if restored:
+            log.info("routing statistics restored", extra={"keys": restored, "path": str(saved.path)})
+        task = asyncio.create_task(saved.save_forever(lambda: app[RUNTIME].current.config.routing.stats_save_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if app[RUNTIME].current.config.routing.stats_save_s > 0:
+            try:
+                await saved.save()
+            except OSError as e:
+                log.warning("routing statistics not saved at shutdown", extra={"error": str(e)})
+
     async def janitor_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks = []
         if cfg.janitor.enabled:
@@ -698,7 +725,7 @@ def create_app(
         cast(DurableStore, the_store), lambda: endpoints_from_merchants(app[RUNTIME].current.config.merchants),
         cfg.webhooks, m.webhooks,
     )
-    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, janitor_ctx, dispatcher_ctx()])
+    app.cleanup_ctx.extend([sandbox_ctx, store_ctx, runtime_ctx, stats_ctx, janitor_ctx, dispatcher_ctx()])
     _wire_governance(app, cfg, the_store, m)
     app.on_shutdown.append(on_shutdown)
 

@@ -84,6 +84,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # how success_rate/cost learn (half-lives, change and outage detection, staleness); see
     # docs/adaptive-routing.md. Shared by every chain; a reload applies it to what was learned so far.
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
+    # embedded mode: seconds between saves of the learned statistics beside the database (also saved at
+    # shutdown and loaded at start, so a restart does not route blind); 0: never saved
+    stats_save_s: float = 60.0
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -310,6 +313,8 @@ def check(
         add(("$.duplicates.idempotency_ttl_s", "keep idempotency records at least an hour (24 h recommended)"))
     if cfg.duplicates.order_lock_ttl_ms <= 0 or cfg.duplicates.fingerprint_window_s <= 0:
         add(("$.duplicates", "window and lock TTL must be positive"))
+    if cfg.routing.stats_save_s < 0:
+        add(("$.routing.stats_save_s", "must be 0 (never) or a positive number of seconds"))
     if cfg.janitor.min_age_s * 1000 <= cfg.server.payment_deadline_ms:
         add(("$.janitor.min_age_s", "must exceed server.payment_deadline_ms, or the janitor could race live payments"))
     names: set[str] = set()
