@@ -8,9 +8,12 @@ half_life_s) between events). What rankers read, per key:
 - the rate now: a discounted least-squares line through the slow window's outcomes over their ages,
   read at age 0, its slope shrunk to 0 unless significant (`trend`), so a steady rate reads as the
   plain discounted mean and a real drift is followed without the mean's lag of about one half-life;
-- change detection (Page-Hinkley on each event's residual against the slow mean, one detector per
-  channel by default): an alarm restarts the slow window of the channel and all its keys from their
-  fast windows, so a step of a few points re-ranks within hundreds of events, not thousands;
+- a mixture of windows (by default): plain discounted means over 300 to 10,000 events beside the trend
+  line, averaged by how well each predicted the key's latest outcomes (Bayesian model averaging), so a
+  steady key reads its long windows and a step of a few points re-ranks within hundreds of events;
+- change detection (optional, off by default: Page-Hinkley on each event's residual against the slow
+  mean, one detector per channel): an alarm restarts the slow window of the channel and all its keys
+  from their fast windows;
 - outage detection: a failure run implausible at the key's rate is an outage, not declines: its
   failures are taken back out and the channel ranks last until `outage_hold_s` after the last one;
 - staleness: a (channel, key)'s evidence also halves every `stale_half_life_events` events of the key
@@ -101,7 +104,9 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Page-Hinkley change detection on each event's residual (outcome - slow mean): a cumulative
     # deviation beyond `change_threshold` (after a per-event allowance `change_delta`) resets the slow
     # counts to the fast ones, so a shift of a few points re-ranks within hundreds of events, not thousands.
-    change_detection: bool = True
+    # Off by default: with the mixture below, the short windows follow a step within a few hundred
+    # events without the detector's false alarms (each restarted a channel from its last ~100 events).
+    change_detection: bool = False
     change_delta: float = 0.01
     change_threshold: float = 8.0
     change_min_events: float = 40.0  # slow evidence needed before residuals accumulate
@@ -118,6 +123,14 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Trend following: rank by a discounted least-squares line's value now instead of the lagging mean.
     trend: bool = True
     trend_min_t2: float = 4.0  # k: a slope with t^2 <= k reads as flat; above, it is shrunk by k / t^2
+    # Mixture of windows: besides the trend line, plain discounted means with these half-lives (events);
+    # the rate read is their average weighted by how well each predicted the key's recent outcomes
+    # (Bayesian model averaging: weights ~ exp(discounted log-likelihood, half-life
+    # `mixture_evidence_half_life` events)), its evidence n the same average of their counts. So a
+    # steady key reads its long windows (precise), a changing one its short ones (quick). Empty: off,
+    # the trend line alone.
+    mixture_half_lives: tuple[Annotated[float, msgspec.Meta(gt=0.0)], ...] = (300.0, 1000.0, 3000.0, 10000.0)
+    mixture_evidence_half_life: Annotated[float, msgspec.Meta(gt=0.0)] = 500.0
 
 
 class Cell(msgspec.Struct, kw_only=True, array_like=True):
@@ -140,7 +153,8 @@ class _Watch:
     counts (a1 = sum w*age, a2 = sum w*age^2, y1 = sum w*age*success, ages in the key's own events) and
     the trend-following prediction derived from them at the last event."""
 
-    __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen")
+    __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
+                 "backup_mix")
 
     def __init__(self, cell: Cell) -> None:
         self.cell = cell
@@ -154,6 +168,11 @@ class _Watch:
         self.y1 = 0.0
         self.p = -1.0  # < 0: no prediction yet (fall back to the slow mean)
         self.seen = 0  # the key's event count (over all channels) at this cell's last event
+        self.n = 0.0  # the evidence behind `p` (the slow counts' total; the mixture's weighted one)
+        self.pt = -1.0  # the trend line's own prediction (== p without a mixture)
+        self.mx: list[float] = []  # mixture windows' counts: [s0, f0, s1, f1, ...]
+        self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
+        self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
 
 
 class SuccessStats:
@@ -183,6 +202,8 @@ class SuccessStats:
         self._log_outage_p = math.log(c.outage_p)
         self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
         self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
+        self._mix = tuple(0.5 ** (1.0 / h) for h in c.mixture_half_lives)
+        self._mix_ev = 0.5 ** (1.0 / c.mixture_evidence_half_life)
 
     def record(self, channel: str, key: str, success: bool, now: float, approval: bool = True) -> None:
         """One outcome. `approval=False`: it only tells whether the channel is up (a fail-over attempt,
@@ -218,7 +239,8 @@ class SuccessStats:
                 if 0.0 < p < 1.0:
                     k = max(k, min(30, math.ceil(self._log_outage_p / math.log(1.0 - p))))
                 w.k = k
-                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p)
+                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt)
+                w.backup_mix = (list(w.mx), list(w.ll))
             w.run += 1
             if w.run >= w.k:  # an outage: its failures say nothing about approvals
                 if w.run == w.k:
@@ -237,6 +259,8 @@ class SuccessStats:
         hit = 1.0 if success else 0.0
         n_slow = cell.ss + cell.sf
         mean = cell.ss / n_slow if n_slow > 0 else 0.0
+        if self._mix:
+            self._mix_learn(w, hit, time_decay, mean if n_slow > 0 else 0.5)
         # every earlier event gets one event older: shift the age moments, then decay
         a1 = w.a1
         w.a2 = (w.a2 + 2.0 * a1 + n_slow) * ds
@@ -255,10 +279,58 @@ class SuccessStats:
                 if c.change_scope == "channel":
                     for other in self._keys.get(channel, ()):
                         self._restart(self._local[(channel, other)], self._watch[(channel, other)])
-        w.p = self._predict(cell.ss, cell.sf, w)
+        self._refresh(cell, w)
+
+    def _mix_learn(self, w: _Watch, hit: float, time_decay: float, prior: float) -> None:
+        """Score each expert's prediction of this outcome (made before it), then add it to the windows."""
+        mx, ll = w.mx, w.ll
+        if len(mx) != 2 * len(self._mix):  # new, or the windows were reconfigured: start them empty
+            mx.clear()
+            ll.clear()
+            mx.extend([0.0] * (2 * len(self._mix)))
+            ll.extend([0.0] * (len(self._mix) + 1))
+        ev = self._mix_ev
+        log = math.log
+        for i, d in enumerate(self._mix):
+            s, f = mx[2 * i], mx[2 * i + 1]
+            p = (s + 2.0 * prior) / (s + f + 2.0)
+            p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
+            ll[i] = ll[i] * ev + log(p if hit else 1.0 - p)
+            d *= time_decay
+            mx[2 * i] = s * d + hit
+            mx[2 * i + 1] = f * d + 1.0 - hit
+        p = w.pt if w.pt >= 0.0 else prior
+        p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
+        ll[-1] = ll[-1] * ev + log(p if hit else 1.0 - p)
+
+    def _refresh(self, cell: Cell, w: _Watch) -> None:
+        """Recompute what rankers read of one key: `p` (trend line, or the mixture) and its evidence `n`."""
+        w.pt = self._predict(cell.ss, cell.sf, w)
+        n_slow = cell.ss + cell.sf
+        if not self._mix or len(w.mx) != 2 * len(self._mix):
+            w.p, w.n = w.pt, n_slow
+            return
+        mx, ll = w.mx, w.ll
+        top = max(ll)
+        exp = math.exp
+        total = pw = nw = 0.0
+        for i in range(len(ll) - 1):
+            wt = exp(ll[i] - top)
+            s, f = mx[2 * i], mx[2 * i + 1]
+            n = s + f
+            total += wt
+            pw += wt * (s / n if n > 0.0 else w.pt)
+            nw += wt * n
+        wt = exp(ll[-1] - top)
+        total += wt
+        pw += wt * (w.pt if w.pt >= 0.0 else 0.0)
+        nw += wt * n_slow
+        w.p = pw / total
+        w.n = nw / total
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
-        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p = w.backup
+        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt = w.backup
+        w.mx, w.ll = list(w.backup_mix[0]), list(w.backup_mix[1])
 
     def _restart(self, cell: Cell, w: _Watch) -> None:
         """A detected change: the slow state restarts from the fast window, with no trend (its ages are
@@ -271,7 +343,7 @@ class SuccessStats:
         w.a2 = n * (age * age + age / (1.0 - mu))
         w.y1 = cell.ss * age
         w.gp = w.gn = 0.0
-        w.p = self._predict(cell.ss, cell.sf, w)
+        self._refresh(cell, w)
 
     def _predict(self, s: float, f: float, w: _Watch) -> float:
         """The trend-following estimate now: a weighted least-squares line through the discounted
@@ -368,7 +440,7 @@ class SuccessStats:
             n_local = p_local = n_fresh = 0.0
         else:
             cell = w.cell
-            n_local = n_fresh = cell.ss + cell.sf
+            n_local = n_fresh = w.n
             p_local = w.p if w.p >= 0.0 else (cell.ss / n_local if n_local > 0 else 0.0)
             if w.seen:
                 stale = self._key_events[key] - w.seen
@@ -431,7 +503,7 @@ class SuccessStats:
                 n = 0.0
             else:
                 cell = w.cell
-                n = cell.ss + cell.sf
+                n = w.n
                 p = (w.p * n + prior * min_samples) / (n + min_samples) if n > 0.0 else prior
                 if w.seen:
                     stale = self._key_events[""] - w.seen
@@ -444,8 +516,7 @@ class SuccessStats:
                 if wk is None:
                     n = 0.0
                 else:
-                    cell = wk.cell
-                    nk = cell.ss + cell.sf
+                    nk = wk.n
                     if nk > 0.0:
                         if wk.seen:
                             stale = self._key_events[key] - wk.seen
@@ -488,7 +559,12 @@ class SuccessStats:
                 w.a1 = n * age
                 w.a2 = n * (age * age + age / (1.0 - mu))
                 w.y1 = cell.ss * age
-                w.p = self._predict(cell.ss, cell.sf, w)
+                if self._mix:  # each window starts from the saved counts, capped at its own full size
+                    for d in self._mix:
+                        scale = min(1.0, 1.0 / (1.0 - d) / n) if n > 0 else 0.0
+                        w.mx.extend((cell.ss * scale, cell.sf * scale))
+                    w.ll.extend([0.0] * (len(self._mix) + 1))
+                self._refresh(cell, w)
                 if cell.t is not None and cell.t > self.now:
                     self.now = cell.t
                 restored += 1

@@ -16,6 +16,10 @@ from policies.base import PolicyEnv, PolicyType, decode_params
 from router.model import Candidate, Capabilities, Outcome, RouteContext
 
 PTYPE = PolicyType(sr.Params, sr.build)
+# explicit estimator configs, so tests do not depend on which one is the default
+MIXTURE: dict[str, Any] = {"mixture_half_lives": (300.0, 1000.0, 3000.0, 10000.0), "change_detection": False}
+LINE: dict[str, Any] = {"mixture_half_lives": (), "change_detection": False}  # the trend line alone
+DETECT: dict[str, Any] = LINE | {"change_detection": True}  # the trend line with change detection
 
 
 def cand(name: str, priority: int = 100) -> Candidate:
@@ -115,10 +119,14 @@ def events_until_it_loses(stats: sr.SuccessStats) -> int:
 
 def test_a_degraded_channel_loses_within_a_bounded_number_of_events() -> None:
     # outage detection off: a 20% rate has failure runs that would rank it last at once
-    with_detection = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9)))
-    without = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(change_detection=False, outage_min_run=10**9)))
+    with_detection = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **DETECT)))
+    plain = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, trend=False, **LINE)))
+    mixture = events_until_it_loses(sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **MIXTURE)))
     assert with_detection <= 25
-    assert with_detection < without  # change detection is what makes it quick
+    assert mixture <= 60
+    # against a plain discounted window: change detection, or the mixture's short windows, make it quick
+    assert with_detection < plain / 2
+    assert mixture < plain / 2
 
 
 def events_until_it_wins_back(stats: sr.SuccessStats) -> int:
@@ -133,11 +141,14 @@ def events_until_it_wins_back(stats: sr.SuccessStats) -> int:
 
 
 def test_a_recovered_channel_wins_back_within_a_bounded_number_of_events() -> None:
-    with_detection = events_until_it_wins_back(sr.SuccessStats())
+    with_detection = events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(**DETECT)))
     assert with_detection <= 250  # restarts from the fast window (half-life 100 events), not from scratch
+    mixture = events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(**MIXTURE)))
+    assert mixture <= 250  # the short windows predicted the recovery better
     # against a plain discounted window (no detection, no trend): change detection is what makes it quick
-    plain = sr.StatsConfig(change_detection=False, trend=False)
-    assert with_detection < events_until_it_wins_back(sr.SuccessStats(plain)) / 4
+    plain = events_until_it_wins_back(sr.SuccessStats(sr.StatsConfig(trend=False, **LINE)))
+    assert with_detection < plain / 4
+    assert mixture < plain / 4
 
 
 def test_time_decay_lets_fresh_events_outweigh_old_ones() -> None:
@@ -230,7 +241,7 @@ def test_snapshot_and_merge_share_counts_without_double_counting() -> None:
 
 
 def test_change_detection_fires_on_a_three_point_drop_within_bounded_events() -> None:
-    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **DETECT))
     feed(stats, "a", rate_pattern(0.90, 3000))
     slow_before = sum(stats.counts("a", ""))
     for i, ch in enumerate(rate_pattern(0.87, 1500)):
@@ -241,13 +252,14 @@ def test_change_detection_fires_on_a_three_point_drop_within_bounded_events() ->
         pytest.fail("a 3-point drop was never detected")
     assert i < 1500
     # and a stable rate does not fire over as many events
-    calm = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+    calm = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **DETECT))
     feed(calm, "a", rate_pattern(0.90, 4500))
     assert sum(calm.counts("a", "")) > 1000
 
 
-def test_an_outage_ranks_the_channel_last_and_does_not_lower_its_rate() -> None:
-    stats = sr.SuccessStats(sr.StatsConfig(outage_hold_s=10.0))
+@pytest.mark.parametrize("extra", [{}, MIXTURE], ids=["trend", "mixture"])
+def test_an_outage_ranks_the_channel_last_and_does_not_lower_its_rate(extra: dict[str, Any]) -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(outage_hold_s=10.0, **extra))
     feed(stats, "a", rate_pattern(0.95, 500))
     feed(stats, "b", rate_pattern(0.85, 500))
     before = stats.estimate("a", "", 0.8, 20)
@@ -303,8 +315,8 @@ def drift_error(cfg: sr.StatsConfig, seed: int) -> float:
 
 
 def test_trend_follows_a_linear_drift_with_less_lag_than_a_plain_window() -> None:
-    trend = [drift_error(sr.StatsConfig(change_detection=False, outage_min_run=10**9), s) for s in range(5)]
-    plain = [drift_error(sr.StatsConfig(change_detection=False, trend=False, outage_min_run=10**9), s) for s in range(5)]
+    trend = [drift_error(sr.StatsConfig(outage_min_run=10**9, **LINE), s) for s in range(5)]
+    plain = [drift_error(sr.StatsConfig(trend=False, outage_min_run=10**9, **LINE), s) for s in range(5)]
     assert max(trend) < 0.10  # near where the rate is now (outcome noise remains)
     assert min(plain) > 0.15  # about a half-life behind: where the rate was 1000 events ago + noise
     assert sum(trend) < sum(plain) / 3
@@ -313,8 +325,8 @@ def test_trend_follows_a_linear_drift_with_less_lag_than_a_plain_window() -> Non
 @given(st.floats(0.05, 0.95), st.integers(50, 3000))
 def test_a_flat_rate_reads_as_the_plain_discounted_mean(rate: float, n: int) -> None:
     # an insignificant slope is shrunk to nothing: steady state pays no noise for trend following
-    with_trend = sr.SuccessStats(sr.StatsConfig(change_detection=False, outage_min_run=10**9))
-    plain = sr.SuccessStats(sr.StatsConfig(change_detection=False, trend=False, outage_min_run=10**9))
+    with_trend = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **LINE))
+    plain = sr.SuccessStats(sr.StatsConfig(trend=False, outage_min_run=10**9, **LINE))
     for stats in (with_trend, plain):
         feed(stats, "a", rate_pattern(rate, n))
     assert with_trend.estimate("a", "", 0.5, 0) == pytest.approx(plain.estimate("a", "", 0.5, 0))
@@ -349,7 +361,7 @@ def test_card_caused_declines_do_not_move_a_channels_score(outcomes: list[tuple[
 
 def test_change_detection_reacts_to_a_step_in_either_direction() -> None:
     for before, after in ((0.92, 0.60), (0.60, 0.92)):
-        stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9))
+        stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **DETECT))
         feed(stats, "a", rate_pattern(before, 3000))
         n_before = sum(stats.counts("a", ""))
         for i, ch in enumerate(rate_pattern(after, 500)):
@@ -403,7 +415,7 @@ def test_expected_outcomes_count_as_evidence_on_their_way() -> None:
 
 def step_in_two_countries(scope: str) -> tuple[dict[str, float], dict[str, float], float]:
     """92 % for 3000 payments (DE twice as many as FR), then 75 % for 60: (evidence before, after, FR rate)."""
-    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, change_scope=scope))  # type: ignore[arg-type]
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, change_scope=scope, **DETECT))  # type: ignore[arg-type]
     for i, ch in enumerate(rate_pattern(0.92, 3000)):
         stats.record_outcome("a", ctx(f"p{i}", country="DE" if i % 3 else "FR"), ch == "1", float(i))
     before = {k: sum(stats.counts("a", k)) for k in ("", "country:DE", "country:FR")}
@@ -427,11 +439,12 @@ EVENTS = st.lists(
 )
 
 
-@given(EVENTS, st.floats(0, 2), st.sampled_from([None, 0.0, 50.0]), st.floats(0, 50))
+@given(EVENTS, st.floats(0, 2), st.sampled_from([None, 0.0, 50.0]), st.floats(0, 50), st.sampled_from([(), (30.0, 300.0)]))
 def test_the_inlined_score_agrees_with_estimate_and_is_down(
     events: list[tuple[str, str | None, bool, float]], optimism: float, key_samples: float | None, min_samples: float,
+    mixture: tuple[float, ...],
 ) -> None:
-    stats = sr.SuccessStats(sr.StatsConfig(stale_half_life_events=50.0, outage_hold_s=5.0))
+    stats = sr.SuccessStats(sr.StatsConfig(stale_half_life_events=50.0, outage_hold_s=5.0, mixture_half_lives=mixture))
     t = 0.0
     for i, (channel, country, ok, dt) in enumerate(events):
         t += dt
@@ -447,3 +460,58 @@ def test_the_inlined_score_agrees_with_estimate_and_is_down(
             ref = est + (optimism * math.sqrt(est * (1 - est) / (n + 1)) if optimism > 0 else 0.0)
             ref -= 1.0 if stats.is_down(channel) else 0.0
             assert stats.score(channel, key, 0.8, min_samples, optimism, key_samples) == pytest.approx(ref)
+
+
+def step_error(cfg: sr.StatsConfig, after: int) -> float:
+    """|estimate - truth| `after` events into a step from 95 % down to 85 % (after 5000 events at 95 %)."""
+    stats = sr.SuccessStats(cfg)
+    feed(stats, "a", rate_pattern(0.95, 5000) + rate_pattern(0.85, after))
+    return abs(stats.estimate("a", "", 0.5, 0) - 0.85)
+
+
+def test_the_mixture_follows_a_step_sooner_than_the_slow_window() -> None:
+    # the short windows predicted the new outcomes better, so they take the weight
+    quiet = LINE | {"outage_min_run": 10**9}
+    slow = step_error(sr.StatsConfig(**quiet), 600)
+    mixed = step_error(sr.StatsConfig(**(quiet | MIXTURE)), 600)
+    assert slow > 0.03  # the 1000-event line is still a third of the way back to the old rate
+    assert mixed < 0.8 * slow
+
+
+def steady_error(cfg: sr.StatsConfig, seed: int) -> float:
+    rng = random.Random(seed)
+    stats = sr.SuccessStats(cfg)
+    for i in range(20000):
+        stats.record("a", "", rng.random() < 0.9, float(i))
+    return abs(stats.estimate("a", "", 0.5, 0) - 0.9)
+
+
+def test_in_steady_state_the_mixture_reads_the_long_windows() -> None:
+    # nothing changes: the long windows predict as well and average more outcomes, so the estimate is
+    # more precise than the 1000-event line's
+    quiet = LINE | {"outage_min_run": 10**9}
+    line = [steady_error(sr.StatsConfig(**quiet), s) for s in range(12)]
+    mixed = [steady_error(sr.StatsConfig(**(quiet | MIXTURE)), s) for s in range(12)]
+    assert sum(mixed) < 0.9 * sum(line)
+
+
+def test_the_mixture_evidence_is_its_windows_counts_by_weight() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(**(MIXTURE | {"outage_min_run": 10**9})))
+    feed(stats, "a", rate_pattern(0.9, 50))
+    _, n, _ = stats.rate("a", "")
+    assert 45 < n < 50  # every window holds about the 50 events (the longest ones barely decayed)
+    feed(stats, "a", rate_pattern(0.9, 30000), t0=50)
+    _, n, _ = stats.rate("a", "")
+    assert n > 1443  # more than the 1000-event window holds: the long windows carry weight
+
+
+def test_reconfiguring_the_mixture_on_and_off_keeps_what_was_learnt() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **LINE))
+    feed(stats, "a", rate_pattern(0.9, 2000))
+    line = stats.estimate("a", "", 0.5, 0)
+    stats.reconfigure(sr.StatsConfig(outage_min_run=10**9, **MIXTURE))
+    feed(stats, "a", rate_pattern(0.9, 200), t0=2000)
+    assert stats.estimate("a", "", 0.5, 0) == pytest.approx(0.9, abs=0.01)
+    stats.reconfigure(sr.StatsConfig(outage_min_run=10**9, **LINE))
+    stats.record("a", "", True, 2300.0)
+    assert stats.estimate("a", "", 0.5, 0) == pytest.approx(line, abs=0.01)
