@@ -130,17 +130,19 @@ def test_success_statistics_are_tuned_from_config_and_a_reload_keeps_what_was_le
     from router.runtime import Runtime
 
     env = {"M1_KEY": "sk_live_0123456789abcdef"}
-    cfg = load_config(GOOD + "routing: {stats: {fast_half_life_events: 50, change_detection: false}}\n", env=env, **KW)
+    cfg = load_config(GOOD + "routing: {stats: {fast_half_life_events: 50, change_detection: true, mixture_half_lives: []}}\n", env=env, **KW)
     rt = Runtime(cfg)
     stats = rt.env.state["success_stats"]
     assert isinstance(stats, SuccessStats)
-    assert (stats.config.fast_half_life_events, stats.config.change_detection) == (50, False)
+    assert (stats.config.fast_half_life_events, stats.config.change_detection) == (50, True)
+    assert stats.config.mixture_half_lives == ()
     for i in range(30):
         stats.record("a", "", i % 3 != 0, now=float(i))
     learned = stats.counts("a", "")
     reloaded = Runtime(load_config(GOOD + "routing: {stats: {fast_half_life_events: 80}}\n", env=env, **KW), previous=rt)
     assert reloaded.env.state["success_stats"] is stats  # the same statistics, read with the new settings
-    assert stats.config.fast_half_life_events == 80 and stats.config.change_detection is True
+    assert stats.config.fast_half_life_events == 80 and stats.config.change_detection is False
+    assert len(stats.config.mixture_half_lives) == 4  # the defaults again
     assert stats.counts("a", "") == learned
     with pytest.raises(ConfigError) as e:
         load_config(GOOD + "routing: {stats: {half_life: 3}}\n", env=env, **KW)
