@@ -23,7 +23,9 @@ half_life_s) between events). What rankers read, per key:
   optimism bonus, so a little-known channel is not sent a whole delay's worth of payments blind.
 
 Keys are `dimension_key(dimension, ctx)`: "" for the whole channel, "currency:EUR", "bin6:424242"...
-`record_outcome` records one outcome under every dimension at once, so any ranker config can read it.
+`record_outcome` records one outcome under every dimension in `SuccessStats.dimensions` at once: all of
+them unless the wiring narrows it to those its chains read (`dimensions_read`), each key costing a
+little on every outcome.
 An estimate is shrunk hierarchically: the channel-wide rate towards `prior` with `min_samples`
 pseudo-events, a key's rate towards that channel-wide rate with `key_samples` pseudo-events, so a
 sparse key reads as the channel and a well-known one as itself.
@@ -193,6 +195,8 @@ class SuccessStats:
         self._pending: dict[tuple[str, str], int] = {}  # (channel, key) -> expected outcomes
         self._seen: dict[str, None] = {}  # recent payment ids with a recorded outcome, oldest first
         self.now = -math.inf  # the latest event time seen: "now" for reads, which take no clock
+        # what record_outcome/expect key outcomes by when not told: every dimension, or what chains read
+        self.dimensions: tuple[Dimension, ...] = DIMENSIONS
 
     def reconfigure(self, config: StatsConfig) -> None:
         """Use `config` from now on (a config reload); what was learned is kept and read with it."""
@@ -371,14 +375,15 @@ class SuccessStats:
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def record_outcome(
-        self, channel: str, ctx: RouteContext, success: bool, now: float, dimensions: Iterable[Dimension] = DIMENSIONS
+        self, channel: str, ctx: RouteContext, success: bool, now: float, dimensions: Iterable[Dimension] | None = None
     ) -> None:
-        """Record one outcome under the channel-wide key and every dimension's key (each key once).
+        """Record one outcome under the channel-wide key and each dimension's key (each key once;
+        `dimensions` None: `self.dimensions`).
 
         Only a payment's first recorded outcome moves approval rates: a later one for the same payment id
         (a fail-over attempt, whose card another channel already declined) only feeds outage detection,
         whichever attempts the wiring records."""
-        keys = {""} | {dimension_key(d, ctx) for d in dimensions}
+        keys = {""} | {dimension_key(d, ctx) for d in (self.dimensions if dimensions is None else dimensions)}
         pid = ctx.payment_id
         first = pid not in self._seen
         if first:
@@ -390,7 +395,7 @@ class SuccessStats:
         for key in keys:
             self.record(channel, key, success, now, first)
 
-    def expect(self, channel: str, ctx: RouteContext, dimensions: Iterable[Dimension] = DIMENSIONS) -> None:
+    def expect(self, channel: str, ctx: RouteContext, dimensions: Iterable[Dimension] | None = None) -> None:
         """An outcome of this payment at this channel will be learnt later (delayed feedback: pending
         wallet payments, late webhooks). Until `record_outcome` (or `settle`) for the payment, it counts
         as evidence on its way in the optimism bonus, so a little-known channel is not sent a whole
@@ -398,7 +403,7 @@ class SuccessStats:
         pid = ctx.payment_id
         if pid in self._expected:
             return
-        keys = tuple({""} | {dimension_key(d, ctx) for d in dimensions})
+        keys = tuple({""} | {dimension_key(d, ctx) for d in (self.dimensions if dimensions is None else dimensions)})
         self._expected[pid] = (channel, keys)
         pending = self._pending
         for key in keys:
@@ -633,6 +638,13 @@ class SuccessRateRanker:
         ranked = [t[3] for t in keyed]
         flat_explore(ctx, ranked, self.explore, "success_rate")
         return tuple(ranked)
+
+
+def dimensions_read(policies: Iterable[object]) -> tuple[Dimension, ...]:
+    """The dimensions these built policies key success statistics by (their `dimension`), in the order of
+    DIMENSIONS; "none" (the channel-wide key) always, which every estimate and outage detection read."""
+    used = {"none"} | {d for p in policies if (d := getattr(p, "dimension", None)) in DIMENSIONS}
+    return tuple(d for d in DIMENSIONS if d in used)
 
 
 def stats_from(env: PolicyEnv) -> SuccessStats:

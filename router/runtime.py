@@ -14,7 +14,7 @@ import msgspec
 from adapters import registry as adapter_registry
 from policies import registry as policy_registry
 from policies.base import Chain, PolicyEnv
-from policies.success_rate import SuccessStats
+from policies.success_rate import SuccessStats, dimensions_read
 from router.breaker import STATE_VALUE, ChannelBreaker
 from router.config import (
     BlockRule,
@@ -135,6 +135,9 @@ class Runtime:
                 self.channels[c.name] = ChannelRuntime(c, on_breaker_change, licences)
         self.default_chain = _chain("default", cfg.routing.default, self.env)
         self.merchant_chains = {m: _chain(f"merchant:{m}", steps, self.env) for m, steps in cfg.routing.merchants.items()}
+        if isinstance(stats, SuccessStats):  # learn outcomes only under the keys some chain reads
+            stats.dimensions = dimensions_read(
+                step for chain in (self.default_chain, *self.merchant_chains.values()) for step in chain.steps)
         self.api_keys: Mapping[str, str] = api_key_index(cfg)
         self.admin_tokens = admin_token_index(cfg)
         self.blocked: dict[str, BlockRule] = {}

@@ -45,7 +45,7 @@ import msgspec
 from policies import cost
 from policies import registry as policy_registry
 from policies.base import Chain, PolicyEnv
-from policies.success_rate import SuccessStats, counts_for_channel
+from policies.success_rate import SuccessStats, counts_for_channel, dimensions_read
 from router.lab.scenario import Scenario, Segment
 from router.model import Candidate, Capabilities, RouteContext
 
@@ -294,6 +294,8 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
                      for s in chain_steps])
         if chain_steps is not None else None
     )
+    if chain is not None:
+        stats.dimensions = dimensions_read(chain.steps)  # as the pipeline's wiring does
     closed = candidates(sc)
     opened = [msgspec.structs.replace(c, breaker_open=True) for c in closed]
     fail_max, reset_s = sc.breaker.fail_max, sc.breaker.reset_timeout_s

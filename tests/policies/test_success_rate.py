@@ -515,3 +515,16 @@ def test_reconfiguring_the_mixture_on_and_off_keeps_what_was_learnt() -> None:
     stats.reconfigure(sr.StatsConfig(outage_min_run=10**9, **LINE))
     stats.record("a", "", True, 2300.0)
     assert stats.estimate("a", "", 0.5, 0) == pytest.approx(line, abs=0.01)
+
+
+def test_outcomes_are_learnt_only_under_the_dimensions_chains_read() -> None:
+    stats = sr.SuccessStats()
+    by_country = ranker(stats, dimension="country")
+    stats.dimensions = sr.dimensions_read([by_country, object()])
+    assert stats.dimensions == ("none", "country")
+    stats.record_outcome("a", ctx("p1", country="FR"), True, 1.0)
+    assert sum(stats.counts("a", "")) == 1 and sum(stats.counts("a", "country:FR")) == 1
+    assert stats.counts("a", "currency:EUR") == (0.0, 0.0)  # no chain reads it: not kept
+    stats.record_outcome("a", ctx("p2"), True, 2.0, dimensions=["currency"])  # asked for explicitly
+    assert sum(stats.counts("a", "currency:EUR")) == 1
+    assert sr.dimensions_read([]) == ("none",)

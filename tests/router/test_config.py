@@ -147,3 +147,18 @@ def test_success_statistics_are_tuned_from_config_and_a_reload_keeps_what_was_le
     with pytest.raises(ConfigError) as e:
         load_config(GOOD + "routing: {stats: {half_life: 3}}\n", env=env, **KW)
     assert any(p.startswith("$.routing.stats") for p, _ in e.value.problems), e.value.problems
+
+
+def test_statistics_are_kept_under_the_dimensions_the_chains_read_and_a_reload_widens_them() -> None:
+    from router.runtime import Runtime
+
+    env = {"M1_KEY": "sk_live_0123456789abcdef"}
+    rt = Runtime(load_config(GOOD + "routing: {default: [{policy: success_rate}]}\n", env=env, **KW))
+    stats = rt.env.state["success_stats"]
+    assert stats.dimensions == ("none",)
+    merchant = (
+        "routing:\n  default: [{policy: cost, dimension: country}]\n"
+        "  merchants: {m1: [{policy: success_rate, dimension: currency}]}\n"
+    )
+    Runtime(load_config(GOOD + merchant, env=env, **KW), previous=rt)
+    assert stats.dimensions == ("none", "currency", "country")
