@@ -287,12 +287,9 @@ class SuccessStats:
 
     def _mix_learn(self, w: _Watch, hit: float, time_decay: float, prior: float) -> None:
         """Score each expert's prediction of this outcome (made before it), then add it to the windows."""
+        if len(w.mx) != 2 * len(self._mix):  # new, or the windows were reconfigured: start them empty
+            self._mix_start(w, 0.0, 0.0)
         mx, ll = w.mx, w.ll
-        if len(mx) != 2 * len(self._mix):  # new, or the windows were reconfigured: start them empty
-            mx.clear()
-            ll.clear()
-            mx.extend([0.0] * (2 * len(self._mix)))
-            ll.extend([0.0] * (len(self._mix) + 1))
         ev = self._mix_ev
         log = math.log
         for i, d in enumerate(self._mix):
@@ -307,11 +304,22 @@ class SuccessStats:
         p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
         ll[-1] = ll[-1] * ev + log(p if hit else 1.0 - p)
 
+    def _mix_start(self, w: _Watch, s: float, f: float) -> None:
+        """Start the mixture of one key from (s, f) counts, each window capped at its own full size
+        (1 / (1 - decay) events), every expert's log-likelihood at 0."""
+        n = s + f
+        w.mx = []
+        for d in self._mix:
+            scale = min(1.0, 1.0 / (1.0 - d) / n) if n > 0.0 else 0.0
+            w.mx += (s * scale, f * scale)
+        w.ll = [0.0] * (len(self._mix) + 1)
+
     def _refresh(self, cell: Cell, w: _Watch) -> None:
-        """Recompute what rankers read of one key: `p` (trend line, or the mixture) and its evidence `n`."""
+        """Recompute what rankers read of one key: `p` (trend line, or the mixture) and its evidence `n`.
+        Every window holds events whenever the slow counts do (they all learn the same events)."""
         w.pt = self._predict(cell.ss, cell.sf, w)
         n_slow = cell.ss + cell.sf
-        if not self._mix or len(w.mx) != 2 * len(self._mix):
+        if not self._mix or len(w.mx) != 2 * len(self._mix) or n_slow <= 0.0:
             w.p, w.n = w.pt, n_slow
             return
         mx, ll = w.mx, w.ll
@@ -320,21 +328,21 @@ class SuccessStats:
         total = pw = nw = 0.0
         for i in range(len(ll) - 1):
             wt = exp(ll[i] - top)
-            s, f = mx[2 * i], mx[2 * i + 1]
-            n = s + f
+            s = mx[2 * i]
+            n = s + mx[2 * i + 1]
             total += wt
-            pw += wt * (s / n if n > 0.0 else w.pt)
+            pw += wt * s / n
             nw += wt * n
         wt = exp(ll[-1] - top)
         total += wt
-        pw += wt * (w.pt if w.pt >= 0.0 else 0.0)
+        pw += wt * w.pt
         nw += wt * n_slow
         w.p = pw / total
         w.n = nw / total
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
         cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt = w.backup
-        w.mx, w.ll = list(w.backup_mix[0]), list(w.backup_mix[1])
+        w.mx, w.ll = w.backup_mix  # copies taken when the run started, and only restored once per run
 
     def _restart(self, cell: Cell, w: _Watch) -> None:
         """A detected change: the slow state restarts from the fast window, with no trend (its ages are
@@ -564,11 +572,8 @@ class SuccessStats:
                 w.a1 = n * age
                 w.a2 = n * (age * age + age / (1.0 - mu))
                 w.y1 = cell.ss * age
-                if self._mix:  # each window starts from the saved counts, capped at its own full size
-                    for d in self._mix:
-                        scale = min(1.0, 1.0 / (1.0 - d) / n) if n > 0 else 0.0
-                        w.mx.extend((cell.ss * scale, cell.sf * scale))
-                    w.ll.extend([0.0] * (len(self._mix) + 1))
+                if self._mix:
+                    self._mix_start(w, cell.ss, cell.sf)
                 self._refresh(cell, w)
                 if cell.t is not None and cell.t > self.now:
                     self.now = cell.t
