@@ -27,8 +27,14 @@ Keys are `dimension_key(dimension, ctx)`: "" for the whole channel, "currency:EU
 them unless the wiring narrows it to those its chains read (`dimensions_read`), each key costing a
 little on every outcome.
 An estimate is shrunk hierarchically: the channel-wide rate towards `prior` with `min_samples`
-pseudo-events, a key's rate towards that channel-wide rate with `key_samples` pseudo-events, so a
-sparse key reads as the channel and a well-known one as itself.
+pseudo-events. A key's rate (`key_model`, default "offset") is the channel's level now plus the key's
+offset from it: the level, one per channel and dimension, learns all its keys' outcomes with each key's
+offset taken out (a drift of the whole channel is followed with all its traffic, not each key's share;
+a change of the traffic mix between keys does not move it); the offset is a slow discounted mean of the
+key's outcomes minus the level, shrunk towards 0 with `key_samples` pseudo-events, so a sparse key reads
+as the channel and a well-known one keeps its own difference. "shrink" (the model before 2026-12-03,
+and what keys read while peers are merged): the key's own estimate shrunk towards the channel-wide rate
+with `key_samples` pseudo-events.
 
 Contract for callers of `record`/`record_outcome`: only outcomes the channel caused count. Pass
 success=True for approved; False for soft declines, unavailable and unknown; do NOT record hard declines
@@ -133,6 +139,18 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # the trend line alone.
     mixture_half_lives: tuple[Annotated[float, msgspec.Meta(gt=0.0)], ...] = (300.0, 1000.0, 3000.0, 10000.0)
     mixture_evidence_half_life: Annotated[float, msgspec.Meta(gt=0.0)] = 500.0
+    # How a keyed rate (a dimension's key, e.g. "country:FR") is read. "offset": the channel's level now
+    # plus the key's offset from it. The level (one per channel and dimension) learns every key's
+    # outcomes with that key's offset taken out, through the same windows as the mixture (or the slow
+    # half-life without one), so a drift of the whole channel is followed with all its traffic instead
+    # of each key's share of it; the offset is a slow discounted mean (`offset_half_life_events` of the
+    # key's events) of the key's outcomes minus the level, shrunk towards 0 by `key_samples`, so a key's
+    # own difference (a local acquirer) stays. "shrink": the key's own estimate, shrunk towards the
+    # channel-wide one by `key_samples` (the model before 2026-12-03). With peers merged (scale-out),
+    # keys read as "shrink": the pooled counts carry no offsets.
+    key_model: Literal["offset", "shrink"] = "offset"
+    offset_half_life_events: Annotated[float, msgspec.Meta(gt=0.0)] = 3000.0
+    offset_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 50.0  # the offset's shrinkage while the level learns
 
 
 class Cell(msgspec.Struct, kw_only=True, array_like=True):
@@ -177,6 +195,32 @@ class _Watch:
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
 
 
+class _Level:
+    """A channel's level under one dimension (`StatsConfig.key_model` "offset"): discounted windows of
+    the outcomes of all its keys, each with its key's offset taken out (so hits are fractional), read as
+    their average weighted by each window's discounted predictive log-likelihood, as the mixture is."""
+
+    __slots__ = ("s", "n", "ll", "p", "w")
+
+    def __init__(self, windows: int) -> None:
+        self.s = [0.0] * windows
+        self.n = [0.0] * windows
+        self.ll = [0.0] * windows
+        self.p = -1.0  # < 0: nothing learnt yet
+        self.w = 0.0  # the evidence behind p (the windows' counts, weighted as p is)
+
+
+class _Offset:
+    """A key's offset from its channel's level: discounted sums of (outcome - level) and of events."""
+
+    __slots__ = ("level", "r", "n")
+
+    def __init__(self, level: _Level) -> None:
+        self.level = level
+        self.r = 0.0
+        self.n = 0.0
+
+
 class SuccessStats:
     """In-memory success statistics. Single-threaded (one event loop); policies only read."""
 
@@ -197,6 +241,10 @@ class SuccessStats:
         self.now = -math.inf  # the latest event time seen: "now" for reads, which take no clock
         # what record_outcome/expect key outcomes by when not told: every dimension, or what chains read
         self.dimensions: tuple[Dimension, ...] = DIMENSIONS
+        self._levels: dict[tuple[str, str], _Level] = {}  # (channel, dimension) -> its level ("offset")
+        self._offsets: dict[tuple[str, str], _Offset] = {}  # (channel, key) -> the key's offset
+        # per channel, failures not yet given to the levels: a run that turns out an outage never is
+        self._held: dict[str, list[tuple[str, ...]]] = {}
 
     def reconfigure(self, config: StatsConfig) -> None:
         """Use `config` from now on (a config reload); what was learned is kept and read with it."""
@@ -208,6 +256,15 @@ class SuccessStats:
         self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
         self._mix = tuple(0.5 ** (1.0 / h) for h in c.mixture_half_lives)
         self._mix_ev = 0.5 ** (1.0 / c.mixture_evidence_half_life)
+        self._offsets_on = c.key_model == "offset"
+        decays = self._mix or (self._slow,)
+        if getattr(self, "_level_decays", decays) != decays:  # other windows: the levels start again
+            self._levels.clear()
+            self._offsets.clear()
+            self._held.clear()
+        self._level_decays = decays
+        self._offset_decay = 0.5 ** (1.0 / c.offset_half_life_events)
+        self._offset_samples = c.offset_samples
 
     def record(self, channel: str, key: str, success: bool, now: float, approval: bool = True) -> None:
         """One outcome. `approval=False`: it only tells whether the channel is up (a fail-over attempt,
@@ -402,6 +459,66 @@ class SuccessStats:
             self.settle(ctx)
         for key in keys:
             self.record(channel, key, success, now, first)
+        if first and self._offsets_on and len(keys) > 1:
+            self._learn_levels(channel, tuple(k for k in keys if k), success)
+
+    def _learn_levels(self, channel: str, keys: tuple[str, ...], success: bool) -> None:
+        """Key offsets and channel levels learn one first outcome. A failure waits until the channel's
+        failure run ends (a success) or turns out an outage (its failures say nothing about approvals,
+        as in `record`); at most 30 wait, the longest run an outage needs."""
+        held = self._held.setdefault(channel, [])
+        if not success:
+            w = self._watch[(channel, "")]
+            if w.run >= w.k:
+                held.clear()
+                return
+            held.append(keys)
+            if len(held) > 30:
+                self._learn_offsets(channel, held.pop(0), 0.0)
+            return
+        for failed in held:
+            self._learn_offsets(channel, failed, 0.0)
+        held.clear()
+        self._learn_offsets(channel, keys, 1.0)
+
+    def _learn_offsets(self, channel: str, keys: tuple[str, ...], hit: float) -> None:
+        ms = self._level_decays
+        od = self._offset_decay
+        log = math.log
+        for key in keys:
+            off = self._offsets.get((channel, key))
+            if off is None:
+                dim = key.partition(":")[0]
+                level = self._levels.get((channel, dim))
+                if level is None:
+                    level = self._levels[(channel, dim)] = _Level(len(ms))
+                off = self._offsets[(channel, key)] = _Offset(level)
+            level = off.level
+            if level.p >= 0.0:
+                lp = level.p
+            else:
+                w = self._watch[(channel, "")]
+                lp = w.p if w.p >= 0.0 else 0.5
+            shift = off.r / (off.n + self._offset_samples)
+            off.r = off.r * od + hit - lp
+            off.n = off.n * od + 1.0
+            y = hit - shift  # the outcome with the key's own difference taken out
+            s, n, ll = level.s, level.n, level.ll
+            for i, d in enumerate(ms):
+                p = (s[i] + 2.0 * lp) / (n[i] + 2.0)
+                p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
+                ll[i] = ll[i] * self._mix_ev + y * log(p) + (1.0 - y) * log(1.0 - p)
+                s[i] = s[i] * d + y
+                n[i] = n[i] * d + 1.0
+            top = max(ll)
+            total = pw = nw = 0.0
+            for i in range(len(ms)):
+                wt = math.exp(ll[i] - top)
+                total += wt
+                pw += wt * s[i] / n[i]
+                nw += wt * n[i]
+            level.p = pw / total
+            level.w = nw / total
 
     def expect(self, channel: str, ctx: RouteContext, dimensions: Iterable[Dimension] | None = None) -> None:
         """An outcome of this payment at this channel will be learnt later (delayed feedback: pending
@@ -490,10 +607,29 @@ class SuccessStats:
         if key == "":
             return base, n_fresh
         p, n, n_fresh = self.rate(channel, key)
-        if n <= 0.0:
-            return base, n_fresh
-        m = min_samples if key_samples is None else key_samples
-        return (p * n_fresh + base * m) / (n_fresh + m), n_fresh
+        if n > 0.0:
+            m = min_samples if key_samples is None else key_samples
+            p = (p * n_fresh + base * m) / (n_fresh + m)
+        else:
+            p = base
+        if self._offsets_on and not self._remote:
+            p = self._level_read(channel, key, prior, min_samples, key_samples, p)
+        return p, n_fresh
+
+    def _level_read(
+        self, channel: str, key: str, prior: float, min_samples: float, key_samples: float | None, otherwise: float
+    ) -> float:
+        """A key's rate under `key_model: offset`: its channel's level (shrunk towards `prior` by
+        `min_samples`) plus the key's offset (shrunk towards 0 by `key_samples`, default `min_samples`),
+        within [0, 1]; `otherwise` (the "shrink" reading) while the channel has no level there yet."""
+        off = self._offsets.get((channel, key))
+        level = off.level if off is not None else self._levels.get((channel, key.partition(":")[0]))
+        if level is None or level.p < 0.0:
+            return otherwise
+        p = (level.p * level.w + prior * min_samples) / (level.w + min_samples)
+        if off is not None:
+            p += off.r / (off.n + (min_samples if key_samples is None else key_samples))
+        return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def score(
         self, channel: str, key: str, prior: float, min_samples: float, optimism: float,
@@ -538,6 +674,8 @@ class SuccessStats:
                         m = min_samples if key_samples is None else key_samples
                         p = (wk.p * nk + p * m) / (nk + m)
                     n = nk
+                if self._offsets_on:
+                    p = self._level_read(channel, key, prior, min_samples, key_samples, p)
         if optimism > 0.0:
             if self._pending:
                 n += self._pending.get((channel, key), 0)
@@ -578,7 +716,37 @@ class SuccessStats:
                 if cell.t is not None and cell.t > self.now:
                     self.now = cell.t
                 restored += 1
+        if self._offsets_on:
+            self._restore_offsets(snapshot)
         return restored
+
+    def _restore_offsets(self, snapshot: Snapshot) -> None:
+        """Levels and offsets as a restart leaves them (snapshots carry neither): a channel's level under
+        each dimension starts from its channel-wide counts, each window capped at its size; a key's offset
+        is its saved rate minus the channel-wide one, with the key's evidence capped at the offset window."""
+        cap = 1.0 / (1.0 - self._offset_decay)
+        for channel, by_key in snapshot.cells.items():
+            wide = self._local.get((channel, ""))
+            if wide is None or wide.ss + wide.sf <= 0.0:
+                continue
+            n_wide = wide.ss + wide.sf
+            p_wide = wide.ss / n_wide
+            for key in by_key:
+                cell = self._local.get((channel, key))
+                if not key or cell is None or (channel, key) in self._offsets or cell.ss + cell.sf <= 0.0:
+                    continue
+                dim = key.partition(":")[0]
+                level = self._levels.get((channel, dim))
+                if level is None:
+                    level = self._levels[(channel, dim)] = _Level(len(self._level_decays))
+                    for i, d in enumerate(self._level_decays):
+                        n = min(n_wide, 1.0 / (1.0 - d))
+                        level.s[i], level.n[i] = p_wide * n, n
+                    level.p, level.w = p_wide, sum(level.n) / len(level.n)
+                off = self._offsets[(channel, key)] = _Offset(level)
+                n_key = cell.ss + cell.sf
+                off.n = min(n_key, cap)
+                off.r = (cell.ss / n_key - p_wide) * off.n
 
     def merge(self, source: str, snapshot: Snapshot) -> None:
         """Take a peer's published counts into the estimates, replacing that peer's previous ones."""

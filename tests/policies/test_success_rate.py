@@ -17,8 +17,10 @@ from router.model import Candidate, Capabilities, Outcome, RouteContext
 
 PTYPE = PolicyType(sr.Params, sr.build)
 # explicit estimator configs, so tests do not depend on which one is the default
-MIXTURE: dict[str, Any] = {"mixture_half_lives": (300.0, 1000.0, 3000.0, 10000.0), "change_detection": False}
-LINE: dict[str, Any] = {"mixture_half_lives": (), "change_detection": False}  # the trend line alone
+MIXTURE: dict[str, Any] = {"mixture_half_lives": (300.0, 1000.0, 3000.0, 10000.0), "change_detection": False,
+                           "key_model": "offset"}
+# the trend line alone, keys shrunk towards the channel-wide rate (the estimator before the mixture)
+LINE: dict[str, Any] = {"mixture_half_lives": (), "change_detection": False, "key_model": "shrink"}
 DETECT: dict[str, Any] = LINE | {"change_detection": True}  # the trend line with change detection
 
 
@@ -374,7 +376,7 @@ def test_change_detection_reacts_to_a_step_in_either_direction() -> None:
 
 
 def test_key_samples_pull_a_segment_towards_the_channel() -> None:
-    stats = sr.SuccessStats(sr.StatsConfig(change_detection=False))
+    stats = sr.SuccessStats(sr.StatsConfig(change_detection=False, key_model="shrink"))
     for i in range(600):
         stats.record_outcome("a", ctx(f"d{i}", country="DE"), i % 10 != 0, float(i))  # 90 % in DE
     for i in range(60):
@@ -528,3 +530,95 @@ def test_outcomes_are_learnt_only_under_the_dimensions_chains_read() -> None:
     stats.record_outcome("a", ctx("p2"), True, 2.0, dimensions=["currency"])  # asked for explicitly
     assert sum(stats.counts("a", "currency:EUR")) == 1
     assert sr.dimensions_read([]) == ("none",)
+
+
+# --- keys as the channel's level plus the key's offset (`key_model: offset`, the default) ---
+
+OFFSET: dict[str, Any] = MIXTURE | {"outage_min_run": 10**9}
+
+
+def two_countries(stats: sr.SuccessStats, de: float, fr: float, n: int, t0: float = 0.0, prefix: str = "p") -> None:
+    """n payments, DE twice as many as FR, each country at its own deterministic rate."""
+    de_outcomes, fr_outcomes = iter(rate_pattern(de, n)), iter(rate_pattern(fr, n))
+    for i in range(n):
+        country = "DE" if i % 3 else "FR"
+        ok = next(de_outcomes if country == "DE" else fr_outcomes) == "1"
+        stats.record_outcome("a", ctx(f"{prefix}{i}", country=country), ok, t0 + i)
+
+
+def test_a_sparse_key_follows_a_drift_of_its_channel_with_all_the_channels_traffic() -> None:
+    """The whole channel falls from 92 % to 82 %: FR (a third of the traffic) reads the drop sooner as
+    level + offset than from its own events alone."""
+    errors = {}
+    for model in ("offset", "shrink"):
+        stats = sr.SuccessStats(sr.StatsConfig(**(OFFSET | {"key_model": model})))
+        two_countries(stats, 0.92, 0.92, 3000)
+        for step in range(10):  # 1 point down every 100 payments
+            two_countries(stats, 0.91 - step / 100, 0.91 - step / 100, 100, 3000.0 + 100 * step, f"s{step}-")
+        two_countries(stats, 0.82, 0.82, 300, 4000.0, "e")
+        errors[model] = stats.estimate("a", "country:FR", 0.5, 0, key_samples=50.0) - 0.82
+    assert errors["offset"] < errors["shrink"] - 0.01, errors
+    assert abs(errors["offset"]) < 0.03, errors
+
+
+def test_a_keys_own_difference_stays_when_the_channels_traffic_mix_changes() -> None:
+    """DE 92 %, FR 80 %: each key reads its own rate; then only DE traffic comes for a while (the router
+    sent FR elsewhere): the level does not move with the mix, so FR still reads 80 %, not DE's rate."""
+    stats = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    two_countries(stats, 0.92, 0.80, 6000)
+    assert stats.estimate("a", "country:DE", 0.5, 0, key_samples=0.0) == pytest.approx(0.92, abs=0.015)
+    assert stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
+    fr_before = stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0)
+    for i, ch in enumerate(rate_pattern(0.92, 3000)):
+        stats.record_outcome("a", ctx(f"d{i}", country="DE"), ch == "1", 6000.0 + i)
+    assert stats.estimate("a", "", 0.5, 0) > 0.90  # the channel-wide rate moved with the mix
+    assert stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(fr_before, abs=0.01)
+    # key_samples pulls a key's offset towards 0: it reads as the channel's level
+    level = stats.estimate("a", "country:FR", 0.5, 0, key_samples=1e12)
+    assert level == pytest.approx(stats.estimate("a", "country:DE", 0.5, 0, key_samples=1e12))
+    assert fr_before < level < 0.92
+
+
+def test_an_outages_failures_never_reach_the_level() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(**(MIXTURE | {"outage_min_run": 4})))
+    two_countries(stats, 0.90, 0.90, 2000)
+    before = stats.estimate("a", "country:DE", 0.5, 0)
+    for i in range(40):  # implausible at 90 %: an outage
+        stats.record_outcome("a", ctx(f"x{i}", country="DE" if i % 3 else "FR"), False, 2000.0 + i)
+    assert stats.is_down("a")
+    stats.record_outcome("a", ctx("back", country="DE"), True, 2050.0)
+    assert stats.estimate("a", "country:DE", 0.5, 0) == pytest.approx(before, abs=0.002)
+    # a short run of declines does reach it, once the run ends
+    for i in range(3):
+        stats.record_outcome("a", ctx(f"d{i}", country="DE"), False, 2060.0 + i)
+    held = stats.estimate("a", "country:DE", 0.5, 0)
+    stats.record_outcome("a", ctx("ok", country="DE"), True, 2070.0)
+    assert stats.estimate("a", "country:DE", 0.5, 0) < held
+
+
+def test_levels_and_offsets_restart_from_a_saved_snapshot() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    two_countries(stats, 0.92, 0.80, 3000)
+    saved = stats.snapshot()
+    again = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    assert again.restore(saved) == sum(len(k) for k in saved.cells.values())
+    for key in ("", "country:DE", "country:FR"):
+        assert again.estimate("a", key, 0.5, 0, key_samples=0.0) == pytest.approx(
+            stats.estimate("a", key, 0.5, 0, key_samples=0.0), abs=0.01), key
+    # one outcome later the keys still read their rates (no level rebuilt from a single event)
+    again.record_outcome("a", ctx("next", country="FR"), True, 3001.0)
+    assert again.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
+
+
+def test_reconfigured_windows_start_the_levels_again_and_shrink_reads_the_keys_own_rate() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    two_countries(stats, 0.92, 0.80, 3000)
+    assert stats._levels and stats._offsets
+    stats.reconfigure(sr.StatsConfig(**(OFFSET | {"mixture_half_lives": (500.0, 5000.0)})))
+    assert not stats._levels and not stats._offsets
+    two_countries(stats, 0.92, 0.80, 300, 3000.0, "q")
+    assert stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) < 0.86
+    stats.reconfigure(sr.StatsConfig(**(OFFSET | {"key_model": "shrink"})))
+    shrink = stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0)
+    p, _, _ = stats.rate("a", "country:FR")
+    assert shrink == pytest.approx(p)
