@@ -17,9 +17,11 @@ A scenario describes a world and the strategies to try in it:
 - `feedback` delays what the success statistics learn (approvals and soft declines) by transactions
   or seconds; unavailability is known at once (the connection failed).
 - `strategies` are policy chains in the shape of `routing.default`, checked by the policy registry.
-- `warmup` transactions are learnt before the scored run, from the world as it is at the run's start
-  (every curve at clock 0, every channel up, the same traffic mix): the learning strategies start as a
-  router already in service does (its statistics survive restarts), not from nothing. 0: a cold start.
+- `warmup` transactions are learnt before the scored run, from the world's past: the payments just
+  before the run (curves read at their own clock below the start: a piecewise curve holds its first
+  value, periodic terms go on backwards; every channel up; the same traffic mix): the learning
+  strategies start as a router already in service does (its statistics survive restarts), not from
+  nothing. 0: a cold start.
 
 `load_scenario(text)` / `load_scenario_file(path)` raise `router.errors.ConfigError` listing every
 problem as (path, message).

@@ -21,8 +21,9 @@ Attempts follow production: approve or hard decline stops; soft decline, unavail
 breaker (skipped) fail over; unknown (a timeout after sending) stops, not approved.
 
 Warm-up (`Scenario.warmup`): before the scored run, a chain routes and learns from a second, separately
-seeded stream of that many transactions in which every curve is read at the run's starting clock and
-every channel is up; only first attempts are learnt, through the same delayed-feedback queue (so under
+seeded stream of that many transactions: the world's past, the payments just before the run's first, its
+curves read at their own clock below the run's start (a piecewise curve holds its first value before its
+first point; periodic terms go on backwards) and every channel up (no outages or downtimes); only first attempts are learnt, through the same delayed-feedback queue (so under
 delayed feedback the last warm-up outcomes arrive during the run). Static and the oracle learn nothing.
 
 Expected value of a decision (what regret and "gap captured" use) is that of its first attempt:
@@ -109,12 +110,13 @@ def _is_down(wins: list[tuple[float, float]], x: float) -> bool:
     return any(s <= x < e for s, e in wins)
 
 
-def build_world(sc: Scenario, seed: int, transactions: int | None = None, at: float | None = None) -> World:
-    """The seeded world of one run. With `at`, the warm-up stream instead: its own seed and payment
-    ids, every curve read at clock `at`, no outages or downtimes."""
+def build_world(sc: Scenario, seed: int, transactions: int | None = None, before: float | None = None) -> World:
+    """The seeded world of one run. With `before` (the run's starting clock), the warm-up stream
+    instead: its own seed and payment ids, the payments just before that clock (its last one 1 tx, or
+    1 ms, before it), no outages or downtimes."""
     n = transactions or sc.transactions
-    rng = random.Random(f"{sc.name}:{seed}" if at is None else f"{sc.name}:{seed}:warmup")
-    id_prefix = f"{sc.name}-{seed}-" if at is None else f"{sc.name}-{seed}-warmup-"
+    rng = random.Random(f"{sc.name}:{seed}" if before is None else f"{sc.name}:{seed}:warmup")
+    id_prefix = f"{sc.name}-{seed}-" if before is None else f"{sc.name}-{seed}-warmup-"
     names = [c.name for c in sc.channels]
     nc = len(names)
     cum: list[float] = list(itertools.accumulate(s.weight for s in sc.segments))
@@ -135,9 +137,15 @@ def build_world(sc: Scenario, seed: int, transactions: int | None = None, at: fl
     uu: list[list[float]] = []
     lms: list[list[float]] = []
     t = 0.0
+    # the warm-up on a seconds clock needs its last arrival first: its arrivals get their own stream
+    arrivals = random.Random(f"{sc.name}:{seed}:warmup-arrivals") if before is not None and sc.clock == "s" else rng
+    ahead = list(itertools.accumulate(arrivals.expovariate(sc.arrival_rate) for _ in range(n))) if arrivals is not rng else []
     for i in range(n):
-        t += rng.expovariate(sc.arrival_rate)
-        x = (float(i) if sc.clock == "tx" else t) if at is None else at
+        t = ahead[i] if ahead else t + rng.expovariate(sc.arrival_rate)
+        if before is None:
+            x = float(i) if sc.clock == "tx" else t
+        else:  # the warm-up: the past, its clock shifted as `_warm_up` shifts it
+            x = before - (n - i) if sc.clock == "tx" else before + (t - ahead[-1]) - 1e-3
         si = bisect_right(cum, rng.random() * cum[-1])
         si = min(si, len(sc.segments) - 1)
         seg = sc.segments[si]
@@ -160,7 +168,7 @@ def build_world(sc: Scenario, seed: int, transactions: int | None = None, at: fl
         uu.append([rng.random() for _ in range(nc)])
         lms.append([math.exp(mu + sigma * rng.gauss(0.0, 1.0)) for mu, sigma in lat])
     horizon = float(n) if sc.clock == "tx" else t
-    downs = [_down_windows(sc, seed, c, horizon + 1.0) if at is None else [] for c in range(nc)]
+    downs = [_down_windows(sc, seed, c, horizon + 1.0) if before is None else [] for c in range(nc)]
     up = [[not _is_down(downs[c], tx.x) for c in range(nc)] for tx in txs]
     eligible = [eligible_seg[tx.segment] for tx in txs]
     cps = sorted({*sc.change_points, *(e for ch in sc.channels for w in ch.outages for e in (w.start, w.end))})
@@ -528,7 +536,7 @@ def run_seed(sc: Scenario, seed: int, transactions: int | None = None) -> list[R
     """Every strategy of the scenario over one seeded world."""
     world = build_world(sc, seed, transactions)
     if sc.warmup:
-        world.warm = build_world(sc, seed, sc.warmup, at=world.txs[0].x if sc.clock == "s" else 0.0)
+        world.warm = build_world(sc, seed, sc.warmup, before=world.txs[0].x if sc.clock == "s" else 0.0)
     results = []
     for spec in strategy_specs(sc):
         if spec.name == "static":

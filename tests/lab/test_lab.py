@@ -172,20 +172,32 @@ def test_warm_up_starts_a_learning_chain_warm_and_leaves_static_and_oracle_alone
     assert warm["s"].ev > cold["s"].ev
     # the warm-up stream is its own: its payment ids never collide with the run's
     world = build_world(warm_sc, 7)
-    warm_world = build_world(warm_sc, 7, 800, at=0.0)
+    warm_world = build_world(warm_sc, 7, 800, before=0.0)
     assert not {t.ctx.payment_id for t in world.txs} & {t.ctx.payment_id for t in warm_world.txs}
 
 
-def test_warm_up_reads_the_curves_at_the_start_and_its_late_outcomes_arrive_during_the_run(
+def test_warm_up_is_the_worlds_past_and_its_late_outcomes_arrive_during_the_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # alpha starts excellent and collapses at tx 10: a warm-up read at clock 0 sees only the excellent
+    # alpha starts excellent and collapses at tx 10: the warm-up, the 500 payments before tx 0, sees only
+    # the excellent (a piecewise curve holds its first value before its first point); beta's periodic
+    # term goes on backwards, so the warm-up saw it swing
     chans = [{"name": "alpha", "approval": {"points": [[0, 0.97], [10, 0.20]]}},
-             {"name": "beta", "approval": {"base": 0.85}}]
+             {"name": "beta", "approval": {"base": 0.85, "periodic": [{"amplitude": 0.05, "period": 400}]}}]
     sc = scenario(channels=chans, warmup=500)
-    warm_world = build_world(sc, 7, 500, at=0.0)
+    warm_world = build_world(sc, 7, 500, before=0.0)
     assert {round(q[0], 6) for q in warm_world.q} == {0.97}
+    curve = build_world(sc, 7).scenario.channels[1].approval
+    assert [tx.x for tx in warm_world.txs] == [float(i - 500) for i in range(500)]
+    assert [q[1] for q in warm_world.q] == [curve.value(i - 500.0) for i in range(500)]
+    assert max(q[1] for q in warm_world.q) - min(q[1] for q in warm_world.q) > 0.09
     assert all(all(up) for up in warm_world.up)
+    # on a seconds clock the past ends just before the run's first payment
+    timed = msgspec.structs.replace(sc, clock="s")
+    run_world = build_world(timed, 7)
+    past = build_world(timed, 7, 500, before=run_world.txs[0].x)
+    xs = [tx.x for tx in past.txs]
+    assert xs == sorted(xs) and run_world.txs[0].x - 0.01 < xs[-1] < run_world.txs[0].x and xs[0] < 0
 
     # outcomes 300 tx late: the warm-up's last 300 outcomes are learnt during the run, each at its reveal
     from policies.success_rate import SuccessStats
@@ -202,7 +214,7 @@ def test_warm_up_reads_the_curves_at_the_start_and_its_late_outcomes_arrive_duri
 
     monkeypatch.setattr(SuccessStats, "record_outcome", spy)
     world = build_world(late, 7)
-    world.warm = build_world(late, 7, 500, at=0.0)
+    world.warm = build_world(late, 7, 500, before=0.0)
     run_strategy(world, "s", steps)
     warm_in_run = [int(pid.rsplit("-", 1)[1]) for pid, now in learnt if "-warmup-" in pid and now >= 0]
     warm_before = [int(pid.rsplit("-", 1)[1]) for pid, now in learnt if "-warmup-" in pid and now < 0]
