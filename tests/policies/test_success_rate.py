@@ -441,12 +441,14 @@ EVENTS = st.lists(
 )
 
 
-@given(EVENTS, st.floats(0, 2), st.sampled_from([None, 0.0, 50.0]), st.floats(0, 50), st.sampled_from([(), (30.0, 300.0)]))
+@given(EVENTS, st.floats(0, 2), st.sampled_from([None, 0.0, 50.0]), st.floats(0, 50), st.sampled_from([(), (30.0, 300.0)]),
+       st.sampled_from(["offset", "shrink"]))
 def test_the_inlined_score_agrees_with_estimate_and_is_down(
     events: list[tuple[str, str | None, bool, float]], optimism: float, key_samples: float | None, min_samples: float,
-    mixture: tuple[float, ...],
+    mixture: tuple[float, ...], key_model: str,
 ) -> None:
-    stats = sr.SuccessStats(sr.StatsConfig(stale_half_life_events=50.0, outage_hold_s=5.0, mixture_half_lives=mixture))
+    stats = sr.SuccessStats(sr.StatsConfig(stale_half_life_events=50.0, outage_hold_s=5.0, mixture_half_lives=mixture,
+                                           key_model=key_model))  # type: ignore[arg-type]
     t = 0.0
     for i, (channel, country, ok, dt) in enumerate(events):
         t += dt
