@@ -174,7 +174,7 @@ class _Watch:
     the trend-following prediction derived from them at the last event."""
 
     __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
-                 "backup_mix")
+                 "backup_mix", "off")
 
     def __init__(self, cell: Cell) -> None:
         self.cell = cell
@@ -193,6 +193,7 @@ class _Watch:
         self.mx: list[float] = []  # mixture windows' counts: [s0, f0, s1, f1, ...]
         self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
+        self.off: _Offset | None = None  # the key's offset from its channel's level (`key_model: offset`)
 
 
 class _Level:
@@ -262,6 +263,8 @@ class SuccessStats:
             self._levels.clear()
             self._offsets.clear()
             self._held.clear()
+            for w in self._watch.values():
+                w.off = None
         self._level_decays = decays
         self._offset_decay = 0.5 ** (1.0 / c.offset_half_life_events)
         self._offset_samples = c.offset_samples
@@ -493,6 +496,7 @@ class SuccessStats:
                 if level is None:
                     level = self._levels[(channel, dim)] = _Level(len(ms))
                 off = self._offsets[(channel, key)] = _Offset(level)
+                self._watch[(channel, key)].off = off
             level = off.level
             if level.p >= 0.0:
                 lp = level.p
@@ -622,7 +626,8 @@ class SuccessStats:
         """A key's rate under `key_model: offset`: its channel's level (shrunk towards `prior` by
         `min_samples`) plus the key's offset (shrunk towards 0 by `key_samples`, default `min_samples`),
         within [0, 1]; `otherwise` (the "shrink" reading) while the channel has no level there yet."""
-        off = self._offsets.get((channel, key))
+        w = self._watch.get((channel, key))
+        off = w.off if w is not None else None
         level = off.level if off is not None else self._levels.get((channel, key.partition(":")[0]))
         if level is None or level.p < 0.0:
             return otherwise
@@ -662,6 +667,17 @@ class SuccessStats:
                     down = self.now - cell.t < self.config.outage_hold_s
             if key:
                 wk = watch.get((channel, key))
+                level = None
+                if self._offsets_on:  # `_level_read`, inlined
+                    off = wk.off if wk is not None else None
+                    level = off.level if off is not None else self._levels.get((channel, key.partition(":")[0]))
+                    if level is not None and level.p >= 0.0:
+                        p = (level.p * level.w + prior * min_samples) / (level.w + min_samples)
+                        if off is not None:
+                            p += off.r / (off.n + (min_samples if key_samples is None else key_samples))
+                        p = 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
+                    else:
+                        level = None
                 if wk is None:
                     n = 0.0
                 else:
@@ -671,11 +687,10 @@ class SuccessStats:
                             stale = self._key_events[key] - wk.seen
                             if stale > 0:
                                 nk *= self._stale ** stale
-                        m = min_samples if key_samples is None else key_samples
-                        p = (wk.p * nk + p * m) / (nk + m)
+                        if level is None:
+                            m = min_samples if key_samples is None else key_samples
+                            p = (wk.p * nk + p * m) / (nk + m)
                     n = nk
-                if self._offsets_on:
-                    p = self._level_read(channel, key, prior, min_samples, key_samples, p)
         if optimism > 0.0:
             if self._pending:
                 n += self._pending.get((channel, key), 0)
@@ -744,6 +759,7 @@ class SuccessStats:
                         level.s[i], level.n[i] = p_wide * n, n
                     level.p, level.w = p_wide, sum(level.n) / len(level.n)
                 off = self._offsets[(channel, key)] = _Offset(level)
+                self._watch[(channel, key)].off = off
                 n_key = cell.ss + cell.sf
                 off.n = min(n_key, cap)
                 off.r = (cell.ss / n_key - p_wide) * off.n
