@@ -485,6 +485,8 @@ class SuccessStats:
         self._learn_offsets(channel, keys, 1.0)
 
     def _learn_offsets(self, channel: str, keys: tuple[str, ...], hit: float) -> None:
+        """Each key's offset learns the outcome against its level's prediction, then the level learns the
+        outcome with the key's offset (as it stood, shrunk by `offset_samples`) taken out."""
         ms = self._level_decays
         od = self._offset_decay
         log = math.log
