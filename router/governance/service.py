@@ -80,6 +80,15 @@ _enc = msgspec.json.Encoder().encode
 TIME_TO_APPROVE_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
 
 
+def new_admin_token() -> str:
+    """A fresh admin API token (256 random bits, URL-safe), never starting with "-": the CLI takes it as
+    `--token TOKEN`, where a leading "-" would read as an option (1 token in 64 otherwise)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -342,7 +351,7 @@ class GovernanceService:
         now = self.clock()
         out, grants = [], []
         for name, roles in admins:
-            token = secrets.token_urlsafe(32)
+            token = new_admin_token()
             admin = Admin(
                 id=self._id("adm"),
                 name=name,
@@ -389,7 +398,7 @@ class GovernanceService:
     async def create_admin(self, actor: Actor, name: str) -> tuple[Admin, str]:
         """A new admin with no roles (roles come only through governed grants); the token is shown once."""
         await self.require_role(actor, {Role.SECURITY_ADMIN}, "admin.create", f"admin:{name}")
-        token = secrets.token_urlsafe(32)
+        token = new_admin_token()
         admin = Admin(
             id=self._id("adm"),
             name=name,
@@ -406,7 +415,7 @@ class GovernanceService:
         return admin, token
 
     async def rotate_token(self, actor: Actor) -> str:
-        token = secrets.token_urlsafe(32)
+        token = new_admin_token()
         new = msgspec.structs.replace(actor.admin, token_sha256=hash_token(token))
         await self.store.commit(
             Commit(admins=[new], audit=[self._draft(actor, "admin.token_rotate", f"admin:{actor.id}")])
