@@ -42,17 +42,19 @@ merchants:
     return path
 
 
-async def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
+async def wait_ready(base: str, proc: subprocess.Popen[bytes], path: str = "/readyz") -> None:
+    """Wait until the process answers 200 on `path` (payroute's /readyz; a standalone sandbox's
+    /_sandbox/ledger): a test that sends before its channel listens measures a refused connection."""
     async with httpx.AsyncClient(base_url=base) as c:
         for _ in range(200):
-            assert proc.poll() is None, "payroute exited before it was ready"
+            assert proc.poll() is None, f"{base} exited before it was ready"
             try:
-                if (await c.get("/readyz")).status_code == 200:
+                if (await c.get(path)).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)
-    raise AssertionError("payroute did not become ready")
+    raise AssertionError(f"{base} did not become ready")
 
 
 async def test_acknowledged_payments_survive_kill_9(tmp_path: Path) -> None:

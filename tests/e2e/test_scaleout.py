@@ -205,7 +205,8 @@ async def test_two_payroute_processes_charge_once(fresh_postgres_dsn, redis_url,
         return proc
 
     try:
-        spawn(["sandbox", "--config", str(tmp_path / "sbx.yaml")], "sandbox")
+        sandbox = spawn(["sandbox", "--config", str(tmp_path / "sbx.yaml")], "sandbox")
+        await wait_ready(f"http://127.0.0.1:{sbx_port}", sandbox, "/_sandbox/ledger")
         bases = []
         for i, port in enumerate((p1, p2)):
             cfg = tmp_path / f"p{i}.yaml"
