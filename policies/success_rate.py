@@ -243,7 +243,6 @@ class SuccessStats:
         # what record_outcome/expect key outcomes by when not told: every dimension, or what chains read
         self.dimensions: tuple[Dimension, ...] = DIMENSIONS
         self._levels: dict[tuple[str, str], _Level] = {}  # (channel, dimension) -> its level ("offset")
-        self._offsets: dict[tuple[str, str], _Offset] = {}  # (channel, key) -> the key's offset
         # per channel, failures not yet given to the levels: a run that turns out an outage never is
         self._held: dict[str, list[tuple[str, ...]]] = {}
 
@@ -261,7 +260,6 @@ class SuccessStats:
         decays = self._mix or (self._slow,)
         if getattr(self, "_level_decays", decays) != decays:  # other windows: the levels start again
             self._levels.clear()
-            self._offsets.clear()
             self._held.clear()
             for w in self._watch.values():
                 w.off = None
@@ -491,14 +489,14 @@ class SuccessStats:
         od = self._offset_decay
         log = math.log
         for key in keys:
-            off = self._offsets.get((channel, key))
+            wk = self._watch[(channel, key)]
+            off = wk.off
             if off is None:
                 dim = key.partition(":")[0]
                 level = self._levels.get((channel, dim))
                 if level is None:
                     level = self._levels[(channel, dim)] = _Level(len(ms))
-                off = self._offsets[(channel, key)] = _Offset(level)
-                self._watch[(channel, key)].off = off
+                off = wk.off = _Offset(level)
             level = off.level
             if level.p >= 0.0:
                 lp = level.p
@@ -750,7 +748,10 @@ class SuccessStats:
             p_wide = wide.ss / n_wide
             for key in by_key:
                 cell = self._local.get((channel, key))
-                if not key or cell is None or (channel, key) in self._offsets or cell.ss + cell.sf <= 0.0:
+                if not key or cell is None or cell.ss + cell.sf <= 0.0:
+                    continue
+                wk = self._watch[(channel, key)]
+                if wk.off is not None:
                     continue
                 dim = key.partition(":")[0]
                 level = self._levels.get((channel, dim))
@@ -760,8 +761,7 @@ class SuccessStats:
                         n = min(n_wide, 1.0 / (1.0 - d))
                         level.s[i], level.n[i] = p_wide * n, n
                     level.p, level.w = p_wide, sum(level.n) / len(level.n)
-                off = self._offsets[(channel, key)] = _Offset(level)
-                self._watch[(channel, key)].off = off
+                off = wk.off = _Offset(level)
                 n_key = cell.ss + cell.sf
                 off.n = min(n_key, cap)
                 off.r = (cell.ss / n_key - p_wide) * off.n

@@ -615,9 +615,9 @@ def test_levels_and_offsets_restart_from_a_saved_snapshot() -> None:
 def test_reconfigured_windows_start_the_levels_again_and_shrink_reads_the_keys_own_rate() -> None:
     stats = sr.SuccessStats(sr.StatsConfig(**OFFSET))
     two_countries(stats, 0.92, 0.80, 3000)
-    assert stats._levels and stats._offsets
+    assert stats._levels and any(w.off is not None for w in stats._watch.values())
     stats.reconfigure(sr.StatsConfig(**(OFFSET | {"mixture_half_lives": (500.0, 5000.0)})))
-    assert not stats._levels and not stats._offsets
+    assert not stats._levels and all(w.off is None for w in stats._watch.values())
     two_countries(stats, 0.92, 0.80, 300, 3000.0, "q")
     assert stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) < 0.86
     stats.reconfigure(sr.StatsConfig(**(OFFSET | {"key_model": "shrink"})))
