@@ -147,7 +147,7 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # key's events) of the key's outcomes minus the level, shrunk towards 0 by `key_samples`, so a key's
     # own difference (a local acquirer) stays. "shrink": the key's own estimate, shrunk towards the
     # channel-wide one by `key_samples` (the model before 2026-12-03). With peers merged (scale-out),
-    # keys read as "shrink": the pooled counts carry no offsets.
+    # their counts (which carry no levels) are pooled into the level and the offset: `_level_read`.
     key_model: Literal["offset", "shrink"] = "offset"
     offset_half_life_events: Annotated[float, msgspec.Meta(gt=0.0)] = 3000.0
     offset_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 50.0  # the offset's shrinkage while the level learns
@@ -165,6 +165,9 @@ class Cell(msgspec.Struct, kw_only=True, array_like=True):
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     cells: dict[str, dict[str, Cell]]  # channel -> key -> counts
+    # `key_model: offset` state, for peers (empty from a build before it, or under "shrink"):
+    levels: dict[str, dict[str, tuple[float, float]]] = {}  # channel -> dimension -> the level's (p, evidence)
+    offsets: dict[str, dict[str, tuple[float, float]]] = {}  # channel -> key -> the offset's (r, n)
 
 
 class _Watch:
@@ -236,6 +239,9 @@ class SuccessStats:
         self._key_events: dict[str, int] = {}  # key -> events recorded under it, over all channels
         self._peers: dict[str, Snapshot] = {}
         self._remote: dict[tuple[str, str], tuple[float, float]] = {}  # summed slow (s, f) of all peers
+        # the peers' levels and offsets, summed as `_level_read` pools them (see `merge`)
+        self._remote_levels: dict[tuple[str, str], tuple[float, float]] = {}  # (channel, dim) -> (sum p*w, sum w)
+        self._remote_offsets: dict[tuple[str, str], tuple[float, float]] = {}  # (channel, key) -> (sum r+n*p, sum n)
         self._expected: dict[str, tuple[str, tuple[str, ...]]] = {}  # payment id -> (channel, keys)
         self._pending: dict[tuple[str, str], int] = {}  # (channel, key) -> expected outcomes
         self._seen: dict[str, None] = {}  # recent payment ids with a recorded outcome, oldest first
@@ -616,7 +622,7 @@ class SuccessStats:
             p = (p * n_fresh + base * m) / (n_fresh + m)
         else:
             p = base
-        if self._offsets_on and not self._remote:
+        if self._offsets_on:
             p = self._level_read(channel, key, prior, min_samples, key_samples, p)
         return p, n_fresh
 
@@ -625,15 +631,33 @@ class SuccessStats:
     ) -> float:
         """A key's rate under `key_model: offset`: its channel's level (shrunk towards `prior` by
         `min_samples`) plus the key's offset (shrunk towards 0 by `key_samples`, default `min_samples`),
-        within [0, 1]; `otherwise` (the "shrink" reading) while the channel has no level there yet."""
+        within [0, 1]; `otherwise` (the "shrink" reading) while neither this instance nor a peer knows
+        the channel there yet.
+
+        With peers merged (scale-out) the level is every instance's level averaged by its evidence, and
+        the offset every instance's offset re-measured against that common level: instance i's key reads
+        lp_i + r_i / n_i, so it contributes r_i + n_i * (lp_i - level) over n_i events. Instances with
+        different traffic mixes (one gets all of FR) then still read each key as the instances that see it."""
         w = self._watch.get((channel, key))
         off = w.off if w is not None else None
-        level = off.level if off is not None else self._levels.get((channel, key.partition(":")[0]))
-        if level is None or level.p < 0.0:
+        dim = key.partition(":")[0]
+        level = off.level if off is not None else self._levels.get((channel, dim))
+        lp, lw = (level.p, level.w) if level is not None and level.p >= 0.0 else (0.0, 0.0)
+        r, n = (off.r, off.n) if off is not None and lw > 0.0 else (0.0, 0.0)
+        if self._remote:
+            ps, ws = self._remote_levels.get((channel, dim), (0.0, 0.0))
+            if ws > 0.0:
+                rq, rn = self._remote_offsets.get((channel, key), (0.0, 0.0))
+                own = r + n * lp  # this instance's key: r + n * lp_local, as the peers' are summed
+                lp = (lp * lw + ps) / (lw + ws)
+                lw += ws
+                n += rn
+                r = own + rq - n * lp
+        if lw <= 0.0:
             return otherwise
-        p = (level.p * level.w + prior * min_samples) / (level.w + min_samples)
-        if off is not None:
-            p += off.r / (off.n + (min_samples if key_samples is None else key_samples))
+        p = (lp * lw + prior * min_samples) / (lw + min_samples)
+        if n > 0.0:
+            p += r / (n + (min_samples if key_samples is None else key_samples))
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def score(
@@ -702,7 +726,16 @@ class SuccessStats:
         cells: dict[str, dict[str, Cell]] = {}
         for (channel, key), cell in self._local.items():
             cells.setdefault(channel, {})[key] = Cell(fs=cell.fs, ff=cell.ff, ss=cell.ss, sf=cell.sf, t=cell.t)
-        return Snapshot(cells=cells)
+        levels: dict[str, dict[str, tuple[float, float]]] = {}
+        offsets: dict[str, dict[str, tuple[float, float]]] = {}
+        if self._offsets_on:
+            for (channel, dim), level in self._levels.items():
+                if level.p >= 0.0:
+                    levels.setdefault(channel, {})[dim] = (level.p, level.w)
+            for (channel, key), w in self._watch.items():
+                if w.off is not None and w.off.level.p >= 0.0:
+                    offsets.setdefault(channel, {})[key] = (w.off.r, w.off.n)
+        return Snapshot(cells=cells, levels=levels, offsets=offsets)
 
     def restore(self, snapshot: Snapshot) -> int:
         """Start from counts saved earlier (`snapshot()` of a previous run: a restart), as if each key had
@@ -767,15 +800,68 @@ class SuccessStats:
                 off.r = (cell.ss / n_key - p_wide) * off.n
 
     def merge(self, source: str, snapshot: Snapshot) -> None:
-        """Take a peer's published counts into the estimates, replacing that peer's previous ones."""
+        """Take a peer's published counts into the estimates, replacing that peer's previous ones.
+
+        Its levels and offsets are summed as `_level_read` pools them: per (channel, dimension) the sum of
+        p * evidence and of evidence; per key the sum of r + n * (its level's p) and of n. A peer that
+        published none (a build before them, or `key_model: shrink`) stands in with what its counts
+        imply: its channel-wide rate as its level, its key's counts against that rate as the offset."""
         self._peers[source] = snapshot
+        self._pool()
+
+    def keep_peers(self, live: Iterable[str]) -> int:
+        """Forget the peers not in `live` (their published snapshots expired: the instance is gone), so a
+        dead instance's last counts, which nothing decays any more, stop pulling the estimates; returns
+        how many were forgotten."""
+        gone = self._peers.keys() - set(live)
+        for source in gone:
+            del self._peers[source]
+        if gone:
+            self._pool()
+        return len(gone)
+
+    def _pool(self) -> None:
+        """Sum the peers' snapshots into what reads use (`_remote`, `_remote_levels`, `_remote_offsets`)."""
         remote: dict[tuple[str, str], tuple[float, float]] = {}
+        levels: dict[tuple[str, str], tuple[float, float]] = {}
+        offsets: dict[tuple[str, str], tuple[float, float]] = {}
         for snap in self._peers.values():
             for channel, by_key in snap.cells.items():
                 for key, cell in by_key.items():
                     s, f = remote.get((channel, key), (0.0, 0.0))
                     remote[(channel, key)] = (s + cell.ss, f + cell.sf)
+                by_dim = snap.levels.get(channel) or {}
+                by_off = snap.offsets.get(channel, {}) if by_dim else _implied_offsets(by_key, by_dim)
+                for dim, (p, w) in by_dim.items():
+                    ps, ws = levels.get((channel, dim), (0.0, 0.0))
+                    levels[(channel, dim)] = (ps + p * w, ws + w)
+                for key, (r, n) in by_off.items():
+                    lp = by_dim.get(key.partition(":")[0], (0.0, 0.0))[0]
+                    q, m = offsets.get((channel, key), (0.0, 0.0))
+                    offsets[(channel, key)] = (q + r + n * lp, m + n)
         self._remote = remote
+        self._remote_levels = levels
+        self._remote_offsets = offsets
+
+
+def _implied_offsets(
+    by_key: dict[str, Cell], levels: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """One channel of a snapshot without levels (a build before them, `key_model: shrink`, or no level
+    learnt there yet): the channel-wide rate and evidence stand in as the level of each dimension it
+    has keys under (filled into `levels`), and each key's offset is what its counts imply: successes
+    minus that rate's expectation, over its events."""
+    wide = by_key.get("")
+    out: dict[str, tuple[float, float]] = {}
+    if wide is None or wide.ss + wide.sf <= 0.0:
+        return out
+    p_wide = wide.ss / (wide.ss + wide.sf)
+    for key, cell in by_key.items():
+        if key:
+            levels[key.partition(":")[0]] = (p_wide, wide.ss + wide.sf)
+            n = cell.ss + cell.sf
+            out[key] = (cell.ss - p_wide * n, n)
+    return out
 
 
 class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

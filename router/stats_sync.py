@@ -3,7 +3,8 @@
 Every `interval_s` each instance publishes its own discounted counts (a msgspec snapshot) under
 `payroute:sr:<instance id>` with a TTL, and merges every other live instance's snapshot. Merging
 replaces a peer's previous snapshot, so nothing is counted twice; a dead instance's counts expire
-with its key. Routing never waits on this: the policies read the in-memory merge.
+with its key, and each instance then forgets them (`SuccessStats.keep_peers`). Routing never waits
+on this: the policies read the in-memory merge.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class StatsSync:
             peers = [k for k in keys if (k.decode() if isinstance(k, bytes) else k) != PREFIX + self.instance]
             blobs = await self.redis.mget(peers) if peers else []
         merged = 0
+        live = []
         for key, blob in zip(peers, blobs, strict=True):
             if not isinstance(blob, bytes):
                 continue
@@ -48,8 +50,11 @@ class StatsSync:
             try:
                 self.stats.merge(name, _decode(blob))
                 merged += 1
+                live.append(name)
             except msgspec.DecodeError:
                 log.warning("unreadable success-rate snapshot", extra={"peer": name})
+        if gone := self.stats.keep_peers(live):  # their keys expired: those instances are gone
+            log.info("forgot the success-rate counts of departed instances", extra={"peers": gone})
         return merged
 
     async def run_forever(self) -> None:

@@ -624,3 +624,81 @@ def test_reconfigured_windows_start_the_levels_again_and_shrink_reads_the_keys_o
     shrink = stats.estimate("a", "country:FR", 0.5, 0, key_samples=0.0)
     p, _, _ = stats.rate("a", "country:FR")
     assert shrink == pytest.approx(p)
+
+
+# --- the same in scale-out: peers' levels and offsets pooled in (`merge`) ---
+
+
+def exchange(nodes: list[sr.SuccessStats]) -> None:
+    """Every node publishes its snapshot (over the wire format) and merges every other node's."""
+    wires = [msgspec.msgpack.encode(node.snapshot()) for node in nodes]
+    for i, node in enumerate(nodes):
+        for j, wire in enumerate(wires):
+            if i != j:
+                node.merge(f"node-{j}", msgspec.msgpack.decode(wire, type=sr.Snapshot))
+
+
+def shared_traffic(nodes: list[sr.SuccessStats], de: float, fr: float, n: int, t0: float, prefix: str) -> None:
+    """`two_countries` traffic spread over the nodes round-robin, snapshots exchanged every 100 payments."""
+    de_outcomes, fr_outcomes = iter(rate_pattern(de, n)), iter(rate_pattern(fr, n))
+    for i in range(n):
+        country = "DE" if i % 3 else "FR"
+        ok = next(de_outcomes if country == "DE" else fr_outcomes) == "1"
+        nodes[i % len(nodes)].record_outcome("a", ctx(f"{prefix}{i}", country=country), ok, t0 + i)
+        if i % 100 == 99:
+            exchange(nodes)
+
+
+def test_scale_out_keys_follow_a_channel_drift_with_every_instances_traffic() -> None:
+    """Three instances share the traffic: each reads a key as the pooled level plus the pooled offset,
+    so FR follows the whole channel's drop sooner than under shrink, and keeps its own difference."""
+    errors = {}
+    for model in ("offset", "shrink"):
+        nodes = [sr.SuccessStats(sr.StatsConfig(**(OFFSET | {"key_model": model}))) for _ in range(3)]
+        shared_traffic(nodes, 0.92, 0.80, 6000, 0.0, "p")
+        for node in nodes:  # before the drift every node reads each country's own rate
+            assert node.estimate("a", "country:DE", 0.5, 0, key_samples=0.0) == pytest.approx(0.92, abs=0.015)
+            assert node.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
+        for step in range(10):  # the whole channel: 1 point down every 100 payments
+            shared_traffic(nodes, 0.91 - step / 100, 0.79 - step / 100, 100, 6000.0 + 100 * step, f"s{step}-")
+        shared_traffic(nodes, 0.82, 0.70, 300, 7000.0, "e")
+        errors[model] = max(abs(node.estimate("a", "country:FR", 0.5, 0, key_samples=50.0) - 0.70) for node in nodes)
+    # (each instance's windows count its own events, so with 3 instances they span 3x the payments and
+    # both models follow slower than one instance does: 0.054 vs 0.015 here for offsets)
+    assert errors["offset"] < errors["shrink"] - 0.01, errors
+
+
+def test_scale_out_instances_with_different_traffic_read_each_key_as_the_one_that_sees_it() -> None:
+    """One instance gets all of DE (92 %), the other all of FR (80 %): after merging, both read DE as
+    92 % and FR as 80 %, not the average level; an instance reads a key it never saw from its peer."""
+    de_only, fr_only = (sr.SuccessStats(sr.StatsConfig(**OFFSET)) for _ in range(2))
+    for i, (d, f) in enumerate(zip(rate_pattern(0.92, 4000), rate_pattern(0.80, 2000) * 2, strict=True)):
+        de_only.record_outcome("a", ctx(f"d{i}", country="DE"), d == "1", float(i))
+        fr_only.record_outcome("a", ctx(f"f{i}", country="FR"), f == "1", float(i))
+    exchange([de_only, fr_only])
+    for node in (de_only, fr_only):
+        assert node.estimate("a", "country:DE", 0.5, 0, key_samples=50.0) == pytest.approx(0.92, abs=0.01)
+        assert node.estimate("a", "country:FR", 0.5, 0, key_samples=50.0) == pytest.approx(0.80, abs=0.01)
+        # the ranker's hot path reads the same with peers merged
+        assert node.score("a", "country:FR", 0.5, 0, 0.0, key_samples=50.0) == pytest.approx(
+            node.estimate("a", "country:FR", 0.5, 0, key_samples=50.0))
+
+
+def test_scale_out_a_peer_without_levels_stands_in_with_its_counts() -> None:
+    """A peer on `key_model: shrink` (or a build before levels: a snapshot without the fields) publishes
+    counts only; they stand in as its level and offsets, so keys still read their own rates."""
+    here = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    there = sr.SuccessStats(sr.StatsConfig(**(OFFSET | {"key_model": "shrink"})))
+    shared_traffic([here, there], 0.92, 0.80, 6000, 0.0, "p")
+    published = there.snapshot()
+    assert published.levels == {} and published.offsets == {}
+    assert here.snapshot().levels["a"]["country"][1] > 0  # ours carries them
+    old_wire = msgspec.msgpack.encode({"cells": published.cells})  # the snapshot format before levels
+    here.merge("node-1", msgspec.msgpack.decode(old_wire, type=sr.Snapshot))
+    assert here.estimate("a", "country:DE", 0.5, 0, key_samples=0.0) == pytest.approx(0.92, abs=0.015)
+    assert here.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
+    # a key known only to the peer reads as the peer's counts say, not as the channel
+    for i, ch in enumerate(rate_pattern(0.60, 600)):
+        there.record_outcome("a", ctx(f"it{i}", country="IT"), ch == "1", 6000.0 + i)
+    here.merge("node-1", there.snapshot())
+    assert here.estimate("a", "country:IT", 0.5, 0, key_samples=50.0) == pytest.approx(0.60, abs=0.03)

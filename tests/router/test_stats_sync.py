@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from policies.success_rate import SuccessStats
 from router.stats_sync import StatsSync
 
@@ -21,3 +23,20 @@ async def test_two_instances_see_each_others_counts_without_double_counting(redi
     await b.sync_once()  # merging again replaces a's snapshot: no double counting
     assert b_stats.counts("ch1", "") == (s, f)
     assert await a.sync_once() == 1 and a_stats.counts("ch1", "") == (s, f)  # a's own counts are not re-merged
+
+
+async def test_a_departed_instances_counts_are_forgotten_when_its_snapshot_expires(redis_client) -> None:
+    """b publishes, then dies: once its key's TTL (5 sync intervals) has run out, a stops reading b's
+    last counts, which nothing would ever decay again."""
+    a_stats, b_stats = SuccessStats(), SuccessStats()
+    a = StatsSync(redis_client, a_stats, instance="a-gone-test", interval_s=0.04)
+    b = StatsSync(redis_client, b_stats, instance="b-gone-test", interval_s=0.04)
+    for i in range(50):
+        a_stats.record("ch1", "", True, float(i))
+        b_stats.record("ch1", "", i % 3 == 0, float(i))  # not a run of failures: an outage is not counted
+    await b.sync_once()
+    await a.sync_once()
+    assert a_stats.counts("ch1", "")[1] > 10  # b's failures are read
+    await asyncio.sleep(0.3)  # b publishes no more: its key expires (TTL 200 ms)
+    assert await a.sync_once() == 0
+    assert a_stats.counts("ch1", "") == (a_stats.snapshot().cells["ch1"][""].ss, 0.0)
