@@ -161,6 +161,7 @@ class Cell(msgspec.Struct, kw_only=True, array_like=True):
     ss: float = 0.0
     sf: float = 0.0
     t: float | None = None
+    e: int = 0  # approval events recorded (peers' counts of it give each key's event scale: `after_merge`)
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,10 +178,11 @@ class _Watch:
     the trend-following prediction derived from them at the last event."""
 
     __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
-                 "backup_mix", "off")
+                 "backup_mix", "off", "dec")
 
-    def __init__(self, cell: Cell) -> None:
+    def __init__(self, cell: Cell, dec: _Decays) -> None:
         self.cell = cell
+        self.dec = dec  # the per-event decays at this key's event scale
         self.gp = 0.0
         self.gn = 0.0
         self.run = 0
@@ -197,6 +199,24 @@ class _Watch:
         self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
         self.off: _Offset | None = None  # the key's offset from its channel's level (`key_model: offset`)
+
+
+class _Decays:
+    """Per-event decay factors at one event scale: how many events of the whole cluster one event of this
+    instance stands for (1 alone; about N for a key whose traffic N instances share, see `after_merge`),
+    so that every window spans the same payments in scale-out as on one instance."""
+
+    __slots__ = ("scale", "fast", "slow", "stale", "mix", "ev", "level", "offset")
+
+    def __init__(self, c: StatsConfig, scale: float) -> None:
+        self.scale = scale
+        self.fast = 0.5 ** (scale / c.fast_half_life_events)
+        self.slow = 0.5 ** (scale / c.slow_half_life_events)
+        self.stale = 0.5 ** (scale / c.stale_half_life_events) if c.stale_half_life_events else 1.0
+        self.mix = tuple(0.5 ** (scale / h) for h in c.mixture_half_lives)
+        self.ev = 0.5 ** (scale / c.mixture_evidence_half_life)
+        self.level = self.mix or (self.slow,)  # the levels' windows (`key_model: offset`)
+        self.offset = 0.5 ** (scale / c.offset_half_life_events)
 
 
 class _Level:
@@ -229,6 +249,7 @@ class SuccessStats:
     """In-memory success statistics. Single-threaded (one event loop); policies only read."""
 
     _SEEN_LIMIT = 4096
+    _RATE_MEMORY = 0.7  # per sync round, in the event scale's sums (`after_merge`)
     _EXPECTED_LIMIT = 100_000
 
     def __init__(self, config: StatsConfig | None = None) -> None:
@@ -238,6 +259,9 @@ class SuccessStats:
         self._keys: dict[str, list[str]] = {}  # channel -> its keys other than ""
         self._key_events: dict[str, int] = {}  # key -> events recorded under it, over all channels
         self._peers: dict[str, Snapshot] = {}
+        self._peer_events: dict[str, dict[tuple[str, str], int]] = {}  # peer -> its keys' `e` at the last round
+        # (channel, key) -> (own new events, peers' new events, both discounted over rounds; own `e` then)
+        self._event_rates: dict[tuple[str, str], tuple[float, float, int]] = {}
         self._remote: dict[tuple[str, str], tuple[float, float]] = {}  # summed slow (s, f) of all peers
         # the peers' levels and offsets, summed as `_level_read` pools them (see `merge`)
         self._remote_levels: dict[tuple[str, str], tuple[float, float]] = {}  # (channel, dim) -> (sum p*w, sum w)
@@ -255,23 +279,28 @@ class SuccessStats:
     def reconfigure(self, config: StatsConfig) -> None:
         """Use `config` from now on (a config reload); what was learned is kept and read with it."""
         self.config = c = config
-        self._fast = 0.5 ** (1.0 / c.fast_half_life_events)
-        self._slow = 0.5 ** (1.0 / c.slow_half_life_events)
         self._log_outage_p = math.log(c.outage_p)
         self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
-        self._stale = 0.5 ** (1.0 / c.stale_half_life_events) if c.stale_half_life_events else 1.0
-        self._mix = tuple(0.5 ** (1.0 / h) for h in c.mixture_half_lives)
-        self._mix_ev = 0.5 ** (1.0 / c.mixture_evidence_half_life)
+        self._mix = bool(c.mixture_half_lives)
+        self._n_mix = len(c.mixture_half_lives)
         self._offsets_on = c.key_model == "offset"
-        decays = self._mix or (self._slow,)
-        if getattr(self, "_level_decays", decays) != decays:  # other windows: the levels start again
+        one = self._dec1 = _Decays(c, 1.0)
+        self._decs: dict[float, _Decays] = {1.0: one}  # by event scale
+        if getattr(self, "_level_decays", one.level) != one.level:  # other windows: the levels start again
             self._levels.clear()
             self._held.clear()
             for w in self._watch.values():
                 w.off = None
-        self._level_decays = decays
-        self._offset_decay = 0.5 ** (1.0 / c.offset_half_life_events)
+        self._level_decays = one.level
         self._offset_samples = c.offset_samples
+        for w in getattr(self, "_watch", {}).values():
+            w.dec = self._decays(w.dec.scale)
+
+    def _decays(self, scale: float) -> _Decays:
+        dec = self._decs.get(scale)
+        if dec is None:
+            dec = self._decs[scale] = _Decays(self.config, scale)
+        return dec
 
     def record(self, channel: str, key: str, success: bool, now: float, approval: bool = True) -> None:
         """One outcome. `approval=False`: it only tells whether the channel is up (a fail-over attempt,
@@ -283,9 +312,9 @@ class SuccessStats:
             cell = self._local[ck] = Cell()
             if key:
                 self._keys.setdefault(channel, []).append(key)
-            w = self._watch[ck] = _Watch(cell)
+            w = self._watch[ck] = _Watch(cell, self._dec1)
         else:
-            w = self._watch.get(ck) or self._watch.setdefault(ck, _Watch(cell))
+            w = self._watch.get(ck) or self._watch.setdefault(ck, _Watch(cell, self._dec1))
         if now > self.now:
             self.now = now
         if not approval:
@@ -320,10 +349,12 @@ class SuccessStats:
             time_decay = 0.5 ** ((now - cell.t) / c.half_life_s)
         k_events = self._key_events.get(key, 0) + 1
         self._key_events[key] = k_events
-        if w.seen and k_events - 1 > w.seen and self._stale < 1.0:
-            time_decay *= self._stale ** (k_events - 1 - w.seen)
+        cell.e += 1
+        dec = w.dec
+        if w.seen and k_events - 1 > w.seen and dec.stale < 1.0:
+            time_decay *= dec.stale ** (k_events - 1 - w.seen)
         w.seen = k_events
-        df, ds = self._fast * time_decay, self._slow * time_decay
+        df, ds = dec.fast * time_decay, dec.slow * time_decay
         hit = 1.0 if success else 0.0
         n_slow = cell.ss + cell.sf
         mean = cell.ss / n_slow if n_slow > 0 else 0.0
@@ -351,12 +382,12 @@ class SuccessStats:
 
     def _mix_learn(self, w: _Watch, hit: float, time_decay: float, prior: float) -> None:
         """Score each expert's prediction of this outcome (made before it), then add it to the windows."""
-        if len(w.mx) != 2 * len(self._mix):  # new, or the windows were reconfigured: start them empty
+        if len(w.mx) != 2 * self._n_mix:  # new, or the windows were reconfigured: start them empty
             self._mix_start(w, 0.0, 0.0)
         mx, ll = w.mx, w.ll
-        ev = self._mix_ev
+        ev = w.dec.ev
         log = math.log
-        for i, d in enumerate(self._mix):
+        for i, d in enumerate(w.dec.mix):
             s, f = mx[2 * i], mx[2 * i + 1]
             p = (s + 2.0 * prior) / (s + f + 2.0)
             p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
@@ -373,17 +404,17 @@ class SuccessStats:
         (1 / (1 - decay) events), every expert's log-likelihood at 0."""
         n = s + f
         w.mx = []
-        for d in self._mix:
+        for d in w.dec.mix:
             scale = min(1.0, 1.0 / (1.0 - d) / n) if n > 0.0 else 0.0
             w.mx += (s * scale, f * scale)
-        w.ll = [0.0] * (len(self._mix) + 1)
+        w.ll = [0.0] * (self._n_mix + 1)
 
     def _refresh(self, cell: Cell, w: _Watch) -> None:
         """Recompute what rankers read of one key: `p` (trend line, or the mixture) and its evidence `n`.
         Every window holds events whenever the slow counts do (they all learn the same events)."""
         w.pt = self._predict(cell.ss, cell.sf, w)
         n_slow = cell.ss + cell.sf
-        if not self._mix or len(w.mx) != 2 * len(self._mix) or n_slow <= 0.0:
+        if not self._mix or len(w.mx) != 2 * self._n_mix or n_slow <= 0.0:
             w.p, w.n = w.pt, n_slow
             return
         mx, ll = w.mx, w.ll
@@ -411,7 +442,7 @@ class SuccessStats:
     def _restart(self, cell: Cell, w: _Watch) -> None:
         """A detected change: the slow state restarts from the fast window, with no trend (its ages are
         those of a full fast window: mean mu/(1-mu), variance mu/(1-mu)^2)."""
-        mu = self._fast
+        mu = w.dec.fast
         age = mu / (1.0 - mu)
         cell.ss, cell.sf = cell.fs, cell.ff
         n = cell.ss + cell.sf
@@ -491,8 +522,9 @@ class SuccessStats:
     def _learn_offsets(self, channel: str, keys: tuple[str, ...], hit: float) -> None:
         """Each key's offset learns the outcome against its level's prediction, then the level learns the
         outcome with the key's offset (as it stood, shrunk by `offset_samples`) taken out."""
-        ms = self._level_decays
-        od = self._offset_decay
+        dec = self._watch[(channel, "")].dec  # a level learns at its channel's event scale
+        ms = dec.level
+        ev = dec.ev
         log = math.log
         for key in keys:
             wk = self._watch[(channel, key)]
@@ -510,6 +542,7 @@ class SuccessStats:
                 w = self._watch[(channel, "")]
                 lp = w.p if w.p >= 0.0 else 0.5
             shift = off.r / (off.n + self._offset_samples)
+            od = wk.dec.offset
             off.r = off.r * od + hit - lp
             off.n = off.n * od + 1.0
             y = hit - shift  # the outcome with the key's own difference taken out
@@ -517,7 +550,7 @@ class SuccessStats:
             for i, d in enumerate(ms):
                 p = (s[i] + 2.0 * lp) / (n[i] + 2.0)
                 p = 1e-4 if p < 1e-4 else 0.9999 if p > 0.9999 else p
-                ll[i] = ll[i] * self._mix_ev + y * log(p) + (1.0 - y) * log(1.0 - p)
+                ll[i] = ll[i] * ev + y * log(p) + (1.0 - y) * log(1.0 - p)
                 s[i] = s[i] * d + y
                 n[i] = n[i] * d + 1.0
             top = max(ll)
@@ -585,7 +618,7 @@ class SuccessStats:
             if w.seen:
                 stale = self._key_events[key] - w.seen
                 if stale > 0:
-                    n_fresh *= self._stale ** stale
+                    n_fresh *= w.dec.stale ** stale
         if self._remote:
             rs, rf = self._remote.get((channel, key), (0.0, 0.0))
             n = n_local + rs + rf
@@ -686,7 +719,7 @@ class SuccessStats:
                 if w.seen:
                     stale = self._key_events[""] - w.seen
                     if stale > 0:
-                        n *= self._stale ** stale
+                        n *= w.dec.stale ** stale
                 if w.run and w.run >= w.k and cell.t is not None:
                     down = self.now - cell.t < self.config.outage_hold_s
             if key:
@@ -710,7 +743,7 @@ class SuccessStats:
                         if wk.seen:
                             stale = self._key_events[key] - wk.seen
                             if stale > 0:
-                                nk *= self._stale ** stale
+                                nk *= wk.dec.stale ** stale
                         if level is None:
                             m = min_samples if key_samples is None else key_samples
                             p = (wk.p * nk + p * m) / (nk + m)
@@ -725,7 +758,7 @@ class SuccessStats:
         """This instance's own counts (not the peers'), to publish."""
         cells: dict[str, dict[str, Cell]] = {}
         for (channel, key), cell in self._local.items():
-            cells.setdefault(channel, {})[key] = Cell(fs=cell.fs, ff=cell.ff, ss=cell.ss, sf=cell.sf, t=cell.t)
+            cells.setdefault(channel, {})[key] = Cell(fs=cell.fs, ff=cell.ff, ss=cell.ss, sf=cell.sf, t=cell.t, e=cell.e)
         levels: dict[str, dict[str, tuple[float, float]]] = {}
         offsets: dict[str, dict[str, tuple[float, float]]] = {}
         if self._offsets_on:
@@ -750,10 +783,10 @@ class SuccessStats:
                 cell = self._local[ck] = Cell(fs=saved.fs, ff=saved.ff, ss=saved.ss, sf=saved.sf, t=saved.t)
                 if key:
                     self._keys.setdefault(channel, []).append(key)
-                w = self._watch[ck] = _Watch(cell)
+                w = self._watch[ck] = _Watch(cell, self._dec1)
                 # the slow window's age moments as a restart leaves them, so the trend starts flat
                 n = cell.ss + cell.sf
-                mu = self._slow
+                mu = self._dec1.slow
                 age = mu / (1.0 - mu)
                 w.a1 = n * age
                 w.a2 = n * (age * age + age / (1.0 - mu))
@@ -769,10 +802,11 @@ class SuccessStats:
         return restored
 
     def _restore_offsets(self, snapshot: Snapshot) -> None:
-        """Levels and offsets as a restart leaves them (snapshots carry neither): a channel's level under
+        """Levels and offsets as a restart leaves them (rebuilt from the counts; the levels and offsets a
+        snapshot carries are for peers, measured at that run's event scale): a channel's level under
         each dimension starts from its channel-wide counts, each window capped at its size; a key's offset
         is its saved rate minus the channel-wide one, with the key's evidence capped at the offset window."""
-        cap = 1.0 / (1.0 - self._offset_decay)
+        cap = 1.0 / (1.0 - self._dec1.offset)
         for channel, by_key in snapshot.cells.items():
             wide = self._local.get((channel, ""))
             if wide is None or wide.ss + wide.sf <= 0.0:
@@ -809,15 +843,44 @@ class SuccessStats:
         self._peers[source] = snapshot
         self._pool()
 
-    def keep_peers(self, live: Iterable[str]) -> int:
-        """Forget the peers not in `live` (their published snapshots expired: the instance is gone), so a
-        dead instance's last counts, which nothing decays any more, stop pulling the estimates; returns
-        how many were forgotten."""
+    def after_merge(self, live: Iterable[str]) -> int:
+        """End of a sync round (every live peer's snapshot merged): forget the peers not in `live` (their
+        snapshots expired: the instance is gone), so a dead instance's last counts, which nothing decays
+        any more, stop pulling the estimates; then update each key's event scale. Returns how many
+        peers were forgotten.
+
+        Each instance's windows count its own events; with N instances sharing a key's traffic they
+        would span N times the payments and follow a drift N times slower than one instance does. So
+        each (channel, key) decays per event at its scale: (its events + its peers' events) / its events
+        since the last rounds (a discounted sum over rounds, each counting one round's new events, so a
+        peer's first snapshot adds nothing), between 1 and 64, rounded to a quarter."""
         gone = self._peers.keys() - set(live)
         for source in gone:
             del self._peers[source]
+            self._peer_events.pop(source, None)
         if gone:
             self._pool()
+        theirs: dict[tuple[str, str], float] = {}
+        for source, snap in self._peers.items():
+            last = self._peer_events.setdefault(source, {})
+            for channel, by_key in snap.cells.items():
+                for key, cell in by_key.items():
+                    ck = (channel, key)
+                    before = last.get(ck)
+                    if before is not None and cell.e > before:
+                        theirs[ck] = theirs.get(ck, 0.0) + cell.e - before
+                    last[ck] = cell.e
+        rates = self._event_rates
+        for ck, cell in self._local.items():
+            mine, peers, before = rates.get(ck, (0.0, 0.0, cell.e))
+            mine = mine * self._RATE_MEMORY + cell.e - before
+            peers = peers * self._RATE_MEMORY + theirs.get(ck, 0.0)
+            rates[ck] = (mine, peers, cell.e)
+            if mine > 0.0:
+                scale = min(64.0, round(4.0 * (mine + peers) / mine) / 4.0)
+                w = self._watch[ck]
+                if scale != w.dec.scale:
+                    w.dec = self._decays(scale)
         return len(gone)
 
     def _pool(self) -> None:

@@ -3,7 +3,8 @@
 Every `interval_s` each instance publishes its own discounted counts (a msgspec snapshot) under
 `payroute:sr:<instance id>` with a TTL, and merges every other live instance's snapshot. Merging
 replaces a peer's previous snapshot, so nothing is counted twice; a dead instance's counts expire
-with its key, and each instance then forgets them (`SuccessStats.keep_peers`). Routing never waits
+with its key, and each instance then forgets them (`SuccessStats.after_merge`, which also scales each key's windows
+to the whole cluster's events). Routing never waits
 on this: the policies read the in-memory merge.
 """
 
@@ -53,7 +54,7 @@ class StatsSync:
                 live.append(name)
             except msgspec.DecodeError:
                 log.warning("unreadable success-rate snapshot", extra={"peer": name})
-        if gone := self.stats.keep_peers(live):  # their keys expired: those instances are gone
+        if gone := self.stats.after_merge(live):  # their keys expired: those instances are gone
             log.info("forgot the success-rate counts of departed instances", extra={"peers": gone})
         return merged
 

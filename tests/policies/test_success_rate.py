@@ -629,43 +629,78 @@ def test_reconfigured_windows_start_the_levels_again_and_shrink_reads_the_keys_o
 # --- the same in scale-out: peers' levels and offsets pooled in (`merge`) ---
 
 
-def exchange(nodes: list[sr.SuccessStats]) -> None:
-    """Every node publishes its snapshot (over the wire format) and merges every other node's."""
+def exchange(nodes: list[sr.SuccessStats], scale: bool = True) -> None:
+    """Every node publishes its snapshot (over the wire format) and merges every other node's; then ends
+    the round (`after_merge`: event scales), unless `scale` is False (counts merged, windows unscaled)."""
     wires = [msgspec.msgpack.encode(node.snapshot()) for node in nodes]
     for i, node in enumerate(nodes):
         for j, wire in enumerate(wires):
             if i != j:
                 node.merge(f"node-{j}", msgspec.msgpack.decode(wire, type=sr.Snapshot))
+        if scale:
+            node.after_merge(f"node-{j}" for j in range(len(nodes)) if j != i)
 
 
-def shared_traffic(nodes: list[sr.SuccessStats], de: float, fr: float, n: int, t0: float, prefix: str) -> None:
-    """`two_countries` traffic spread over the nodes round-robin, snapshots exchanged every 100 payments."""
+def shared_traffic(
+    nodes: list[sr.SuccessStats], de: float, fr: float, n: int, t0: float, prefix: str, scale: bool = True
+) -> None:
+    """`two_countries` traffic spread over the nodes, snapshots exchanged every 100 payments."""
     de_outcomes, fr_outcomes = iter(rate_pattern(de, n)), iter(rate_pattern(fr, n))
     for i in range(n):
         country = "DE" if i % 3 else "FR"
         ok = next(de_outcomes if country == "DE" else fr_outcomes) == "1"
-        nodes[i % len(nodes)].record_outcome("a", ctx(f"{prefix}{i}", country=country), ok, t0 + i)
+        # each node in turn takes three payments (two DE, one FR): every node sees both countries
+        nodes[(i // 3) % len(nodes)].record_outcome("a", ctx(f"{prefix}{i}", country=country), ok, t0 + i)
         if i % 100 == 99:
-            exchange(nodes)
+            exchange(nodes, scale)
+
+
+def shared_drift_error(nodes: list[sr.SuccessStats], scale: bool = True) -> float:
+    """`two_countries` traffic (DE 92 %, FR 80 %) shared by the nodes, then the whole channel drops 10
+    points over 1,000 payments; FR's worst error over the nodes 300 payments after the drop ends."""
+    shared_traffic(nodes, 0.92, 0.80, 6000, 0.0, "p", scale)
+    for node in nodes:  # before the drift every node reads each country's own rate
+        assert node.estimate("a", "country:DE", 0.5, 0, key_samples=0.0) == pytest.approx(0.92, abs=0.015)
+        assert node.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
+    for step in range(10):  # 1 point down every 100 payments
+        shared_traffic(nodes, 0.91 - step / 100, 0.79 - step / 100, 100, 6000.0 + 100 * step, f"s{step}-", scale)
+    shared_traffic(nodes, 0.82, 0.70, 300, 7000.0, "e", scale)
+    return max(abs(node.estimate("a", "country:FR", 0.5, 0, key_samples=50.0) - 0.70) for node in nodes)
 
 
 def test_scale_out_keys_follow_a_channel_drift_with_every_instances_traffic() -> None:
     """Three instances share the traffic: each reads a key as the pooled level plus the pooled offset,
     so FR follows the whole channel's drop sooner than under shrink, and keeps its own difference."""
-    errors = {}
-    for model in ("offset", "shrink"):
-        nodes = [sr.SuccessStats(sr.StatsConfig(**(OFFSET | {"key_model": model}))) for _ in range(3)]
-        shared_traffic(nodes, 0.92, 0.80, 6000, 0.0, "p")
-        for node in nodes:  # before the drift every node reads each country's own rate
-            assert node.estimate("a", "country:DE", 0.5, 0, key_samples=0.0) == pytest.approx(0.92, abs=0.015)
-            assert node.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
-        for step in range(10):  # the whole channel: 1 point down every 100 payments
-            shared_traffic(nodes, 0.91 - step / 100, 0.79 - step / 100, 100, 6000.0 + 100 * step, f"s{step}-")
-        shared_traffic(nodes, 0.82, 0.70, 300, 7000.0, "e")
-        errors[model] = max(abs(node.estimate("a", "country:FR", 0.5, 0, key_samples=50.0) - 0.70) for node in nodes)
-    # (each instance's windows count its own events, so with 3 instances they span 3x the payments and
-    # both models follow slower than one instance does: 0.054 vs 0.015 here for offsets)
+    errors = {
+        model: shared_drift_error([sr.SuccessStats(sr.StatsConfig(**(OFFSET | {"key_model": model}))) for _ in range(3)])
+        for model in ("offset", "shrink")
+    }
     assert errors["offset"] < errors["shrink"] - 0.01, errors
+
+
+def test_scale_out_windows_span_the_clusters_payments_not_the_instances_events() -> None:
+    """With three instances each key's event scale becomes 3 (each of its events stands for three of the
+    cluster's), so its windows span the payments one instance's would: FR follows the drop about as
+    soon as on one instance, where unscaled windows (3x the payments) lag."""
+    nodes = [sr.SuccessStats(sr.StatsConfig(**OFFSET)) for _ in range(3)]
+    scaled = shared_drift_error(nodes)
+    assert {w.dec.scale for node in nodes for w in node._watch.values()} == {3.0}
+    unscaled = shared_drift_error([sr.SuccessStats(sr.StatsConfig(**OFFSET)) for _ in range(3)], scale=False)
+    alone = shared_drift_error([sr.SuccessStats(sr.StatsConfig(**OFFSET))])
+    assert scaled < unscaled - 0.01, (scaled, unscaled, alone)
+    assert scaled < alone + 0.025, (scaled, unscaled, alone)
+    # the trend line alone (no mixture, keys shrunk): its slow counts scale the same way
+    line = [sr.SuccessStats(sr.StatsConfig(**(LINE | {"outage_min_run": 10**9}))) for _ in range(3)]
+    unscaled_line = [sr.SuccessStats(sr.StatsConfig(**(LINE | {"outage_min_run": 10**9}))) for _ in range(3)]
+    assert shared_drift_error(line) < shared_drift_error(unscaled_line, scale=False) - 0.005
+    # a peer that is gone: forgotten, and the key's scale falls back as only this instance's events come
+    here = nodes[0]
+    assert here.after_merge([]) == 2 and not here._remote
+    for i, ch in enumerate(rate_pattern(0.82, 600)):
+        here.record_outcome("a", ctx(f"alone{i}", country="DE"), ch == "1", 8000.0 + i)
+        if i % 100 == 99:
+            here.after_merge([])
+    assert here._watch[("a", "")].dec.scale == 1.0
 
 
 def test_scale_out_instances_with_different_traffic_read_each_key_as_the_one_that_sees_it() -> None:
