@@ -802,17 +802,19 @@ class SuccessStats:
         return restored
 
     def _restore_offsets(self, snapshot: Snapshot) -> None:
-        """Levels and offsets as a restart leaves them (rebuilt from the counts; the levels and offsets a
-        snapshot carries are for peers, measured at that run's event scale): a channel's level under
-        each dimension starts from its channel-wide counts, each window capped at its size; a key's offset
-        is its saved rate minus the channel-wide one, with the key's evidence capped at the offset window."""
+        """Levels and offsets as a restart leaves them: a channel's level under each dimension starts
+        from the level the snapshot saved (p, evidence), or, from a snapshot without levels, from its
+        channel-wide counts, each window holding that rate over at most its size; a key's offset is the
+        saved one, or its saved rate minus the level's, with the key's evidence capped at the offset
+        window. (Only keys restored just now: a key that learnt here first keeps its own.)"""
         cap = 1.0 / (1.0 - self._dec1.offset)
         for channel, by_key in snapshot.cells.items():
             wide = self._local.get((channel, ""))
             if wide is None or wide.ss + wide.sf <= 0.0:
                 continue
             n_wide = wide.ss + wide.sf
-            p_wide = wide.ss / n_wide
+            saved_levels = snapshot.levels.get(channel, {})
+            saved_offsets = snapshot.offsets.get(channel, {})
             for key in by_key:
                 cell = self._local.get((channel, key))
                 if not key or cell is None or cell.ss + cell.sf <= 0.0:
@@ -823,15 +825,19 @@ class SuccessStats:
                 dim = key.partition(":")[0]
                 level = self._levels.get((channel, dim))
                 if level is None:
+                    p_level, n_level = saved_levels.get(dim, (wide.ss / n_wide, n_wide))
                     level = self._levels[(channel, dim)] = _Level(len(self._level_decays))
                     for i, d in enumerate(self._level_decays):
-                        n = min(n_wide, 1.0 / (1.0 - d))
-                        level.s[i], level.n[i] = p_wide * n, n
-                    level.p, level.w = p_wide, sum(level.n) / len(level.n)
+                        n = min(n_level, 1.0 / (1.0 - d))
+                        level.s[i], level.n[i] = p_level * n, n
+                    level.p, level.w = p_level, sum(level.n) / len(level.n)
                 off = wk.off = _Offset(level)
-                n_key = cell.ss + cell.sf
-                off.n = min(n_key, cap)
-                off.r = (cell.ss / n_key - p_wide) * off.n
+                if key in saved_offsets:
+                    off.r, off.n = saved_offsets[key]
+                else:
+                    n_key = cell.ss + cell.sf
+                    off.n = min(n_key, cap)
+                    off.r = (cell.ss / n_key - level.p) * off.n
 
     def merge(self, source: str, snapshot: Snapshot) -> None:
         """Take a peer's published counts into the estimates, replacing that peer's previous ones.

@@ -601,12 +601,20 @@ def test_an_outages_failures_never_reach_the_level() -> None:
 def test_levels_and_offsets_restart_from_a_saved_snapshot() -> None:
     stats = sr.SuccessStats(sr.StatsConfig(**OFFSET))
     two_countries(stats, 0.92, 0.80, 3000)
-    saved = stats.snapshot()
+    saved = msgspec.msgpack.decode(msgspec.msgpack.encode(stats.snapshot()), type=sr.Snapshot)
+    # a snapshot from before levels were saved: they are rebuilt from the counts, close
+    older = sr.SuccessStats(sr.StatsConfig(**OFFSET))
+    assert older.restore(sr.Snapshot(cells=saved.cells)) == sum(len(k) for k in saved.cells.values())
+    for key in ("", "country:DE", "country:FR"):
+        assert older.estimate("a", key, 0.5, 0, key_samples=0.0) == pytest.approx(
+            stats.estimate("a", key, 0.5, 0, key_samples=0.0), abs=0.01), key
+    # with the saved levels and offsets every key reads as it did
     again = sr.SuccessStats(sr.StatsConfig(**OFFSET))
     assert again.restore(saved) == sum(len(k) for k in saved.cells.values())
-    for key in ("", "country:DE", "country:FR"):
-        assert again.estimate("a", key, 0.5, 0, key_samples=0.0) == pytest.approx(
-            stats.estimate("a", key, 0.5, 0, key_samples=0.0), abs=0.01), key
+    for key in ("country:DE", "country:FR"):
+        for key_samples in (0.0, 50.0):
+            assert again.estimate("a", key, 0.5, 0, key_samples=key_samples) == pytest.approx(
+                stats.estimate("a", key, 0.5, 0, key_samples=key_samples), abs=1e-9), key
     # one outcome later the keys still read their rates (no level rebuilt from a single event)
     again.record_outcome("a", ctx("next", country="FR"), True, 3001.0)
     assert again.estimate("a", "country:FR", 0.5, 0, key_samples=0.0) == pytest.approx(0.80, abs=0.015)
