@@ -91,7 +91,10 @@ def add_lab_parser(subparsers: Any) -> None:
     run.add_argument("--warmup", type=int, help="override: transactions learnt before the scored run (0: cold start)")
     run.add_argument("--feedback-delay-tx", type=int, help="override: outcomes learnt N transactions late")
     run.add_argument("--learn-from", choices=["all_attempts", "first_attempts"],
-                     help="override what SuccessStats records (production: all_attempts)")
+                     help="override what SuccessStats records (production's wiring: first_attempts, the default)")
+    run.add_argument("--instances", type=int,
+                     help="override: payroute instances sharing the traffic round-robin, each learning on its "
+                          "own and syncing its statistics every sync_interval_s (scale-out; default 1)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--plain", action="store_true", help="plain-text table and progress (no rich)")
     run.set_defaults(func=cmd_lab_run)
@@ -141,6 +144,11 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
             changes["feedback"] = msgspec.structs.replace(sc.feedback, delay_tx=args.feedback_delay_tx, delay_s=0.0)
         if args.learn_from:
             changes["learn_from"] = args.learn_from
+        if args.instances is not None:
+            if not 1 <= args.instances <= 64:
+                print("--instances must be between 1 and 64", file=sys.stderr)
+                return 2
+            changes["instances"] = args.instances
         if args.warmup is not None:
             if args.warmup < 0:
                 print("--warmup must be 0 or more", file=sys.stderr)
@@ -169,6 +177,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
             **summary, "file": str(path), "description": sc.description, "seeds": list(sc.seeds),
             "transactions": args.transactions or sc.transactions, "change_tx": change_tx,
             "feedback": msgspec.to_builtins(sc.feedback), "learn_from": sc.learn_from,
+            "instances": sc.instances, "sync_interval_s": sc.sync_interval_s,
             "stats": msgspec.to_builtins(sc.stats),
             "strategies_config": {s.name: s.chain for s in sc.strategies}, "series": ser,
             "loss_by_phase": report.loss_by_phase(

@@ -293,17 +293,19 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     names = world.names
     nc = len(names)
     index = {n: c for c, n in enumerate(names)}
-    stats = SuccessStats(sc.stats)
     learn_all = sc.learn_from == "all_attempts"
     volume: dict[str, int] = {}
-    env = PolicyEnv(state={"success_stats": stats, "monthly_volume": volume})
-    chain = (
-        Chain(name, [policy_registry.build(s["policy"], {k: v for k, v in s.items() if k != "policy"}, env)
-                     for s in chain_steps])
-        if chain_steps is not None else None
-    )
-    if chain is not None:
-        stats.dimensions = dimensions_read(chain.steps)  # as the pipeline's wiring does
+    # one routing state per payroute instance (scale-out: `instances`), each its own statistics and chain
+    nodes = [SuccessStats(sc.stats) for _ in range(sc.instances)]
+    chains: list[Chain] = []
+    for node in nodes:
+        env = PolicyEnv(state={"success_stats": node, "monthly_volume": volume})
+        if chain_steps is not None:
+            chains.append(Chain(name, [
+                policy_registry.build(s["policy"], {k: v for k, v in s.items() if k != "policy"}, env)
+                for s in chain_steps]))
+            node.dimensions = dimensions_read(chains[-1].steps)  # as the pipeline's wiring does
+    sync = _Sync(nodes, sc.sync_interval_s)
     closed = candidates(sc)
     opened = [msgspec.structs.replace(c, breaker_open=True) for c in closed]
     fail_max, reset_s = sc.breaker.fail_max, sc.breaker.reset_timeout_s
@@ -311,7 +313,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     tripped = [False] * nc
     open_until = [-math.inf] * nc
     delay_tx, delay_s = sc.feedback.delay_tx, sc.feedback.delay_s
-    pending: list[tuple[float, int, str, RouteContext, bool]] = []
+    pending: list[tuple[float, int, int, str, RouteContext, bool]] = []  # (reveal, seq, node, channel, ctx, ok)
     seq = itertools.count()
     retry_factor = sc.retry_factor
     seg_hard = [s.hard_decline for s in sc.segments]
@@ -329,8 +331,8 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     n = blocked = approved = failovers = unknown = violations = fee_total = 0
     exp_sum = oexp_sum = ev_sum = oev_sum = 0.0
 
-    if chain is not None and world.warm is not None:
-        _warm_up(world.warm, chain, closed, stats, pending, seq, index, delay_tx, delay_s)
+    if chains and world.warm is not None:
+        _warm_up(world.warm, chains, closed, nodes, sync, pending, seq, index, delay_tx, delay_s)
 
     for tx in world.txs:
         i = tx.index
@@ -340,11 +342,15 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             continue
         n += 1
         t = tx.t
+        if sync.due(t):
+            sync.run(t)
         if pending:
             key = float(i) if delay_tx else t
             while pending and pending[0][0] <= key:
-                _, _, ch_name, pctx, ok = heapq.heappop(pending)
-                stats.record_outcome(ch_name, pctx, ok, t)
+                _, _, j, ch_name, pctx, ok = heapq.heappop(pending)
+                nodes[j].record_outcome(ch_name, pctx, ok, t)
+        node_i = i % len(nodes)  # the load balancer: round-robin over the instances
+        stats = nodes[node_i]
         q, up, elig = world.q[i], world.up[i], world.eligible[i]
         h = seg_hard[tx.segment]
         amount = tx.amount
@@ -364,12 +370,12 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             pays[c] = p
             evs[c] = p * (amount - f)
         best = max(range(nc), key=lambda c: (evs[c], -c))
-        if chain is None:
+        if not chains:
             plan: Sequence[Candidate] = [closed[c] for c in sorted(
                 (c for c in range(nc) if elig[c] and up[c]), key=lambda c: (-evs[c], c))]
         else:
             cands = tuple(opened[c] if t < open_until[c] else closed[c] for c in range(nc))
-            plan = chain.run(tx.ctx, cands)[0]
+            plan = chains[node_i].run(tx.ctx, cands)[0]
         oev_sum += max(evs[best], 0.0)
         s_lost[i // bucket] += max(evs[best], 0.0)
         oexp_sum += pays[best] if evs[best] > -math.inf else 0.0
@@ -406,7 +412,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
                     tripped[c] = True
                     open_until[c] = t + reset_s
                 verdict = counts_for_channel("unknown" if is_unknown else "unavailable", None)
-                if chain is not None and verdict is not None:
+                if chains and verdict is not None:
                     stats.record_outcome(cand.name, tx.ctx, verdict, t)
                 if is_unknown:
                     unknown += 1
@@ -420,10 +426,10 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             p = q[c] if attempts == 1 else q[c] * retry_factor
             ok = world.u[i][c] < p
             verdict = counts_for_channel("approved" if ok else "soft_decline", None if ok else "do_not_honor")
-            if chain is not None and verdict is not None and (learn_all or attempts == 1):
+            if chains and verdict is not None and (learn_all or attempts == 1):
                 if delay_tx or delay_s:
                     reveal = float(i + delay_tx) if delay_tx else t + delay_s
-                    heapq.heappush(pending, (reveal, next(seq), cand.name, tx.ctx, verdict))
+                    heapq.heappush(pending, (reveal, next(seq), node_i, cand.name, tx.ctx, verdict))
                     stats.expect(cand.name, tx.ctx)  # the router knows what it sent and awaits
                 else:
                     stats.record_outcome(cand.name, tx.ctx, verdict, t)
@@ -451,9 +457,33 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     )
 
 
+class _Sync:
+    """Scale-out's statistics sync (router/stats_sync.py) in virtual time: every `interval_s` each
+    instance publishes a snapshot and merges every other one's, then ends the round (`after_merge`).
+    Nothing to do for one instance."""
+
+    def __init__(self, nodes: list[SuccessStats], interval_s: float) -> None:
+        self.nodes = nodes
+        self.interval_s = interval_s
+        self.next = -math.inf if len(nodes) > 1 else math.inf
+
+    def due(self, t: float) -> bool:
+        return t >= self.next
+
+    def run(self, t: float) -> None:
+        snaps = [node.snapshot() for node in self.nodes]
+        names = [f"instance-{j}" for j in range(len(self.nodes))]
+        for j, node in enumerate(self.nodes):
+            for o, snap in enumerate(snaps):
+                if o != j:
+                    node.merge(names[o], snap)
+            node.after_merge(name for o, name in enumerate(names) if o != j)
+        self.next = t + self.interval_s
+
+
 def _warm_up(
-    warm: World, chain: Chain, closed: list[Candidate], stats: SuccessStats,
-    pending: list[tuple[float, int, str, RouteContext, bool]], seq: Iterator[int], index: dict[str, int],
+    warm: World, chains: list[Chain], closed: list[Candidate], nodes: list[SuccessStats], sync: _Sync,
+    pending: list[tuple[float, int, int, str, RouteContext, bool]], seq: Iterator[int], index: dict[str, int],
     delay_tx: int, delay_s: float,
 ) -> None:
     """Route and learn the warm-up stream (first attempts only, every channel up). Its clock ends just
@@ -467,12 +497,15 @@ def _warm_up(
             continue
         i = tx.index - n  # -n .. -1
         t = tx.t - t_shift - 1e-3
+        if sync.due(t):
+            sync.run(t)
         if pending:
             key = float(i) if delay_tx else t
             while pending and pending[0][0] <= key:
-                _, _, ch_name, pctx, ok = heapq.heappop(pending)
-                stats.record_outcome(ch_name, pctx, ok, t)
-        plan = chain.run(tx.ctx, cands)[0]
+                _, _, j, ch_name, pctx, ok = heapq.heappop(pending)
+                nodes[j].record_outcome(ch_name, pctx, ok, t)
+        j = i % len(nodes)
+        plan = chains[j].run(tx.ctx, cands)[0]
         if not plan or tx.hard:
             continue  # nothing sent, or the card's own decline: nothing to learn
         c = index[plan[0].name]
@@ -484,10 +517,10 @@ def _warm_up(
             continue
         if delay_tx or delay_s:
             reveal = float(i + delay_tx) if delay_tx else t + delay_s
-            heapq.heappush(pending, (reveal, next(seq), plan[0].name, tx.ctx, verdict))
-            stats.expect(plan[0].name, tx.ctx)
+            heapq.heappush(pending, (reveal, next(seq), j, plan[0].name, tx.ctx, verdict))
+            nodes[j].expect(plan[0].name, tx.ctx)
         else:
-            stats.record_outcome(plan[0].name, tx.ctx, verdict, t)
+            nodes[j].record_outcome(plan[0].name, tx.ctx, verdict, t)
 
 
 def _quantile(sorted_values: list[float], p: float) -> float:

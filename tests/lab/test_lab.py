@@ -271,9 +271,53 @@ def test_cli_writes_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixtu
     phases = entry["loss_by_phase"]["adaptive"]
     assert [(p["from_tx"], p["to_tx"]) for p in phases] == [(0, 7000), (7000, 8000)]
     assert sum(p["pct_of_static_loss"] for p in entry["loss_by_phase"]["static"]) == pytest.approx(100)
+    assert (entry["instances"], entry["sync_interval_s"]) == (1, 2.0)
+    args = parser.parse_args(["lab", "run", str(path), "--out", str(out), "--instances", "0", "--plain"])
+    assert cmd_lab_run(args) == 2
+    assert "--instances must be between 1 and 64" in capsys.readouterr().err
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsegments: []\nchannels: []\n")
     args = parser.parse_args(["lab", "run", str(bad), "--out", str(out), "--plain"])
     assert cmd_lab_run(args) == 2
     assert "$.segments" in capsys.readouterr().err
+
+
+def test_scale_out_instances_share_the_traffic_and_sync_their_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`instances: 3`: each instance routes and learns every third payment with its own statistics, and
+    every `sync_interval_s` of virtual time merges the other two's snapshots, as through Redis; so each
+    ends reading its peers' counts, its windows at the cluster's event scale."""
+    from policies.success_rate import SuccessStats
+
+    nodes: dict[int, SuccessStats] = {}
+    learnt: dict[int, int] = {}
+    rounds: dict[int, list[int]] = {}
+    record, after_merge = SuccessStats.record_outcome, SuccessStats.after_merge
+
+    def spy_record(self: SuccessStats, *args: Any, **kw: Any) -> None:
+        nodes[id(self)] = self
+        learnt[id(self)] = learnt.get(id(self), 0) + 1
+        record(self, *args, **kw)
+
+    def spy_after(self: SuccessStats, live: Any) -> int:
+        live = list(live)
+        rounds.setdefault(id(self), []).append(len(live))
+        return after_merge(self, live)
+
+    monkeypatch.setattr(SuccessStats, "record_outcome", spy_record)
+    monkeypatch.setattr(SuccessStats, "after_merge", spy_after)
+    one = run_strategy(build_world(scenario(), 7), "adaptive", ADAPTIVE)
+    assert len(learnt) == 1 and not rounds  # one instance: nothing to sync
+    learnt.clear()
+    nodes.clear()
+    sc = scenario(instances=3, sync_interval_s=2.0)  # 3,000 payments at 50/s: 60 s of virtual time
+    three = run_strategy(build_world(sc, 7), "adaptive", ADAPTIVE)
+    assert len(learnt) == 3
+    total = sum(learnt.values())
+    assert all(abs(k / total - 1 / 3) < 0.02 for k in learnt.values()), learnt
+    assert set(rounds) == set(learnt)
+    assert all(29 <= len(r) <= 32 and set(r) == {2} for r in rounds.values()), rounds
+    for node in nodes.values():
+        assert node._remote  # the peers' counts are merged in
+        assert node._watch[("alpha", "")].dec.scale == 3.0
+    assert three.n == one.n and three.ev != one.ev  # the same payments, learnt apart
