@@ -40,3 +40,24 @@ async def test_a_departed_instances_counts_are_forgotten_when_its_snapshot_expir
     await asyncio.sleep(0.3)  # b publishes no more: its key expires (TTL 200 ms)
     assert await a.sync_once() == 0
     assert a_stats.counts("ch1", "") == (a_stats.snapshot().cells["ch1"][""].ss, 0.0)
+
+
+async def test_levels_and_offsets_travel_through_redis(redis_client) -> None:
+    """Instance a learns DE at 92 % and FR at 80 %; b, which saw nothing, reads both keys from a's
+    published levels and offsets after one round."""
+    from router.model import RouteContext
+
+    a_stats, b_stats = SuccessStats(), SuccessStats()
+    a = StatsSync(redis_client, a_stats, instance="a-levels-test")
+    b = StatsSync(redis_client, b_stats, instance="b-levels-test")
+    for i in range(3000):
+        country = "FR" if i % 3 == 0 else "DE"
+        ok = (i * 7919) % 100 < (80 if country == "FR" else 92)
+        ctx = RouteContext(payment_id=f"p{i}", merchant_id="m", amount=1000, currency="EUR", country=country,
+                           method="card")
+        a_stats.record_outcome("ch1", ctx, ok, float(i), dimensions=["country"])
+    await a.sync_once()
+    await b.sync_once()
+    assert b_stats._remote_levels[("ch1", "country")][1] > 0  # a's level arrived as a level, not only counts
+    for key, rate in (("country:DE", 0.92), ("country:FR", 0.80)):
+        assert abs(b_stats.estimate("ch1", key, 0.5, 0, key_samples=0.0) - rate) < 0.02, key
