@@ -214,8 +214,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     learn_from: Literal["all_attempts", "first_attempts"] = "first_attempts"
     # Scale-out: payroute instances behind a round-robin load balancer, each with its own routing
     # statistics and chain, exchanging snapshots every `sync_interval_s` of virtual time as they do
-    # through Redis (router/stats_sync.py, every 2 s). Breakers and monthly fee volumes are
-    # modelled as shared (one per channel), so only the learning differs from one instance.
+    # through Redis (router/stats_sync.py, every 2 s). Each instance has its own breakers (so each
+    # trips on its own failures, as in production); monthly fee volumes are shared (one per channel).
     instances: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     sync_interval_s: Positive = 2.0
 

@@ -309,9 +309,9 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
     closed = candidates(sc)
     opened = [msgspec.structs.replace(c, breaker_open=True) for c in closed]
     fail_max, reset_s = sc.breaker.fail_max, sc.breaker.reset_timeout_s
-    fails = [0] * nc
-    tripped = [False] * nc
-    open_until = [-math.inf] * nc
+    # per instance, its breakers (memory storage per instance, as in production): fails, tripped, open until
+    breakers: list[tuple[list[int], list[bool], list[float]]] = [
+        ([0] * nc, [False] * nc, [-math.inf] * nc) for _ in nodes]
     delay_tx, delay_s = sc.feedback.delay_tx, sc.feedback.delay_s
     pending: list[tuple[float, int, int, str, RouteContext, bool]] = []  # (reveal, seq, node, channel, ctx, ok)
     seq = itertools.count()
@@ -351,6 +351,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
                 nodes[j].record_outcome(ch_name, pctx, ok, t)
         node_i = i % len(nodes)  # the load balancer: round-robin over the instances
         stats = nodes[node_i]
+        fails, tripped, open_until = breakers[node_i]
         q, up, elig = world.q[i], world.up[i], world.eligible[i]
         h = seg_hard[tx.segment]
         amount = tx.amount

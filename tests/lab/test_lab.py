@@ -321,3 +321,17 @@ def test_scale_out_instances_share_the_traffic_and_sync_their_statistics(monkeyp
         assert node._remote  # the peers' counts are merged in
         assert node._watch[("alpha", "")].dec.scale == 3.0
     assert three.n == one.n and three.ev != one.ev  # the same payments, learnt apart
+
+
+def test_scale_out_instances_have_their_own_breakers() -> None:
+    """alpha is down for 2,000 payments and nothing else fails: one instance sends alpha its breaker's
+    5 failures plus one half-open probe 30 s later; three instances each trip their own breaker, so
+    alpha sees three times as many attempts (each a fail-over to beta)."""
+    sc = scenario(transactions=4000, static="primary", channels=[
+        {"name": "alpha", "priority": 1, "approval": {"base": 1.0}, "outages": [{"start": 1000, "end": 3000}]},
+        {"name": "beta", "priority": 2, "approval": {"base": 1.0}},
+    ])
+    one = {r.strategy: r for r in run_seed(sc, 7)}
+    three = {r.strategy: r for r in run_seed(msgspec.structs.replace(sc, instances=3), 7)}
+    assert sc.breaker.fail_max == 5 and one["static"].failovers == 6
+    assert three["static"].failovers == 3 * one["static"].failovers
