@@ -281,17 +281,17 @@ class SuccessStats:
         self.config = c = config
         self._log_outage_p = math.log(c.outage_p)
         self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
-        self._mix = bool(c.mixture_half_lives)
-        self._n_mix = len(c.mixture_half_lives)
+        self._n_mix = len(c.mixture_half_lives)  # 0: no mixture, the trend line alone
         self._offsets_on = c.key_model == "offset"
-        one = self._dec1 = _Decays(c, 1.0)
-        self._decs: dict[float, _Decays] = {1.0: one}  # by event scale
-        if getattr(self, "_level_decays", one.level) != one.level:  # other windows: the levels start again
+        one = _Decays(c, 1.0)
+        before: _Decays | None = getattr(self, "_dec1", None)
+        if before is not None and before.level != one.level:  # other windows: the levels start again
             self._levels.clear()
             self._held.clear()
             for w in self._watch.values():
                 w.off = None
-        self._level_decays = one.level
+        self._dec1: _Decays = one
+        self._decs: dict[float, _Decays] = {1.0: one}  # by event scale
         self._offset_samples = c.offset_samples
         for w in getattr(self, "_watch", {}).values():
             w.dec = self._decays(w.dec.scale)
@@ -358,7 +358,7 @@ class SuccessStats:
         hit = 1.0 if success else 0.0
         n_slow = cell.ss + cell.sf
         mean = cell.ss / n_slow if n_slow > 0 else 0.0
-        if self._mix:
+        if self._n_mix:
             self._mix_learn(w, hit, time_decay, mean if n_slow > 0 else 0.5)
         # every earlier event gets one event older: shift the age moments, then decay
         a1 = w.a1
@@ -414,7 +414,7 @@ class SuccessStats:
         Every window holds events whenever the slow counts do (they all learn the same events)."""
         w.pt = self._predict(cell.ss, cell.sf, w)
         n_slow = cell.ss + cell.sf
-        if not self._mix or len(w.mx) != 2 * self._n_mix or n_slow <= 0.0:
+        if not self._n_mix or len(w.mx) != 2 * self._n_mix or n_slow <= 0.0:
             w.p, w.n = w.pt, n_slow
             return
         mx, ll = w.mx, w.ll
@@ -791,7 +791,7 @@ class SuccessStats:
                 w.a1 = n * age
                 w.a2 = n * (age * age + age / (1.0 - mu))
                 w.y1 = cell.ss * age
-                if self._mix:
+                if self._n_mix:
                     self._mix_start(w, cell.ss, cell.sf)
                 self._refresh(cell, w)
                 if cell.t is not None and cell.t > self.now:
@@ -826,8 +826,8 @@ class SuccessStats:
                 level = self._levels.get((channel, dim))
                 if level is None:
                     p_level, n_level = saved_levels.get(dim, (wide.ss / n_wide, n_wide))
-                    level = self._levels[(channel, dim)] = _Level(len(self._level_decays))
-                    for i, d in enumerate(self._level_decays):
+                    level = self._levels[(channel, dim)] = _Level(len(self._dec1.level))
+                    for i, d in enumerate(self._dec1.level):
                         n = min(n_level, 1.0 / (1.0 - d))
                         level.s[i], level.n[i] = p_level * n, n
                     level.p, level.w = p_level, sum(level.n) / len(level.n)
