@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 import msgspec
@@ -57,11 +56,17 @@ def validate_params(ptype: PolicyType, raw: Mapping[str, Any], channels: frozens
 
 
 class StepTrace(NamedTuple):
+    """One step of a decision: the policy and the candidates it passed on, in order. The names are read
+    when the trace is recorded (`names`), not while deciding."""
+
     policy: str
-    output: tuple[str, ...]
+    output: tuple[Candidate, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.output]
 
 
-_name = attrgetter("name")
 _new_trace = tuple.__new__
 
 
@@ -69,6 +74,7 @@ class Chain:
     def __init__(self, name: str, steps: Sequence[Policy]) -> None:
         self.name = name
         self.steps = tuple(steps)
+        self._calls = tuple((step.name, step.__call__) for step in self.steps)  # bound: no slot lookup per call
 
     def run(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[tuple[Candidate, ...], dict[str, str]]:
         plan, removed, _ = self.explain(ctx, candidates)
@@ -80,15 +86,13 @@ class Chain:
         removed: dict[str, str] = {}
         trace: list[StepTrace] = []
         current = candidates
-        names: tuple[str, ...] = ()
-        for step in self.steps:
-            nxt = step(ctx, current)
-            if nxt is not current or not trace:  # a step that kept its input as is: same names
-                names = tuple(map(_name, nxt))
-                if len(nxt) != len(current):
-                    for c in current:
-                        if c.name not in names:
-                            removed[c.name] = step.name
-            trace.append(_new_trace(StepTrace, (step.name, names)))  # StepTrace(...) without its Python __new__
+        for policy, call in self._calls:
+            nxt = call(ctx, current)
+            if len(nxt) != len(current):
+                kept = {c.name for c in nxt}
+                for c in current:
+                    if c.name not in kept:
+                        removed[c.name] = policy
+            trace.append(_new_trace(StepTrace, (policy, nxt)))  # StepTrace(...) without its Python __new__
             current = nxt
         return current, removed, trace

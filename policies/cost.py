@@ -106,7 +106,7 @@ def schedule_fee(schedule: Schedule, amount: int, monthly_volume: int = 0) -> in
             percent_bp, fixed = tier.percent_bp, tier.fixed
             break
     else:
-        for vt in reversed(schedule.volume_tiers):
+        for vt in reversed(schedule.volume_tiers) if schedule.volume_tiers else ():
             if vt.monthly_volume_from <= monthly_volume:
                 percent_bp, fixed = vt.percent_bp, vt.fixed
                 break
@@ -123,6 +123,10 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # exploration, as in success_rate: a flat share, and optimism on p that shrinks with evidence
     explore: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.0
     optimism: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.0
+
+
+def _miss(_key: int) -> None:
+    return None
 
 
 class CostRanker:
@@ -143,8 +147,8 @@ class CostRanker:
         self.optimism = optimism
         self.key_samples = key_samples
         self._decoded: dict[int, tuple[Any, Fees]] = {}  # id(raw) -> (raw, decoded); raw kept alive
-        # (id(raw), currency) -> (raw, schedule or None): the decision path's one lookup per candidate
-        self._schedules: dict[tuple[int, str], tuple[Any, Schedule | None]] = {}
+        # currency -> id(raw) -> (raw, schedule or None): the decision path's one lookup per candidate
+        self._schedules: dict[str, dict[int, tuple[Any, Schedule | None]]] = {}
 
     def _fees(self, raw: Any) -> Fees | None:
         if raw is None:
@@ -179,33 +183,39 @@ class CostRanker:
         return p * (ctx.amount - f), f
 
     def _schedule(self, raw: Any, currency: str) -> Schedule | None:
-        hit = self._schedules.get((id(raw), currency))
+        table = self._schedules.get(currency)
+        if table is None:
+            if len(self._schedules) >= self._CACHE_LIMIT:
+                self._schedules.clear()
+            table = self._schedules[currency] = {}
+        hit = table.get(id(raw))
         if hit is not None and hit[0] is raw:
             return hit[1]
         fees = self._fees(raw)
         schedule = schedule_for(fees, currency) if fees is not None else None
-        if len(self._schedules) >= self._CACHE_LIMIT:
-            self._schedules.clear()
-        self._schedules[(id(raw), currency)] = (raw, schedule)
+        if len(table) >= self._CACHE_LIMIT:
+            table.clear()
+        table[id(raw)] = (raw, schedule)
         return schedule
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         # what `expected` computes, per candidate, with the lookups hoisted out of the loop
         key = dimension_key(self.dimension, ctx)
-        priced: list[tuple[float, int, str, Candidate]] = []
         unpriced: list[Candidate] = []
         amount, currency = ctx.amount, ctx.currency
         volume = self.monthly_volume.get
         stats = self.stats
         score = stats.score if stats is not None else None
         prior, ms, ks, opt = self.default_success, self.min_samples, self.key_samples, self.optimism
-        cached = self._schedules.get
+        table = self._schedules.get(currency)
+        cached = table.get if table is not None else _miss
+        priced: list[tuple[float, int, str, Candidate]] = []
         for c in candidates:
             raw = c.fees
             if raw is None:
                 unpriced.append(c)
                 continue
-            hit = cached((id(raw), currency))  # `_schedule`'s cache hit, inlined
+            hit = cached(id(raw))  # `_schedule`'s cache hit, inlined
             schedule = hit[1] if hit is not None and hit[0] is raw else self._schedule(raw, currency)
             if schedule is None:
                 unpriced.append(c)
@@ -214,9 +224,12 @@ class CostRanker:
             p = score(c.name, key, prior, ms, opt, ks) if score is not None else prior
             priced.append((-p * (amount - f), f, c.name, c))
         priced.sort()  # by (-ev, fee, name); names are unique, so candidates themselves are never compared
-        unpriced.sort(key=lambda c: (c.priority, c.name))
-        ranked = [*(t[3] for t in priced), *unpriced]
-        flat_explore(ctx, ranked, self.explore, "cost")
+        ranked = [t[3] for t in priced]
+        if unpriced:
+            unpriced.sort(key=lambda c: (c.priority, c.name))
+            ranked += unpriced
+        if self.explore:
+            flat_explore(ctx, ranked, self.explore, "cost")
         return tuple(ranked)
 
 

@@ -118,29 +118,28 @@ Predicate = Callable[[RouteContext], bool]
 Action = Callable[[RouteContext, tuple[Candidate, ...]], tuple[Candidate, ...]]
 
 
-def _one_of(values: Iterable[str], get: Callable[[RouteContext], str | None]) -> Predicate:
-    allowed = frozenset(values)
-    return lambda ctx: get(ctx) in allowed
-
-
 def compile_condition(cond: Condition) -> Predicate:
+    # each check is one closure reading one field (no helper calls): this runs for every rule tried
     checks: list[Predicate] = []
     if cond.amount is not None and (cond.amount.gte is not None or cond.amount.lt is not None):
         gte = cond.amount.gte if cond.amount.gte is not None else float("-inf")
         lt = cond.amount.lt if cond.amount.lt is not None else float("inf")
         checks.append(lambda ctx: gte <= ctx.amount < lt)
     if cond.currency is not None:
-        checks.append(_one_of((v.upper() for v in cond.currency), lambda ctx: ctx.currency.upper()))
+        currencies = frozenset(v.upper() for v in cond.currency)
+        checks.append(lambda ctx: ctx.currency.upper() in currencies)
     if cond.country is not None:
-        checks.append(_one_of((v.upper() for v in cond.country), lambda ctx: ctx.country.upper()))
+        countries = frozenset(v.upper() for v in cond.country)
+        checks.append(lambda ctx: ctx.country.upper() in countries)
     if cond.card_brand is not None:
-        checks.append(
-            _one_of((v.lower() for v in cond.card_brand), lambda ctx: ctx.card_brand.lower() if ctx.card_brand else None)
-        )
+        brands = frozenset(v.lower() for v in cond.card_brand)
+        checks.append(lambda ctx: ctx.card_brand.lower() in brands if ctx.card_brand else False)
     if cond.method is not None:
-        checks.append(_one_of(cond.method, lambda ctx: ctx.method))
+        methods = frozenset(cond.method)
+        checks.append(lambda ctx: ctx.method in methods)
     if cond.merchant is not None:
-        checks.append(_one_of(cond.merchant, lambda ctx: ctx.merchant_id))
+        merchants = frozenset(cond.merchant)
+        checks.append(lambda ctx: ctx.merchant_id in merchants)
     if cond.bin is not None:
         parsed = [_parse_bin(e) for e in cond.bin]
         prefixes = tuple(e for e, (_, lo, hi) in zip(cond.bin, parsed, strict=True) if lo == hi)
@@ -157,7 +156,18 @@ def compile_condition(cond: Condition) -> Predicate:
         checks.append(bin_check)
     if cond.metadata:
         required = tuple(cond.metadata.items())
-        checks.append(lambda ctx: all(ctx.metadata.get(k) == v for k, v in required))
+        if len(required) == 1:
+            ((mk, mv),) = required
+            checks.append(lambda ctx: ctx.metadata.get(mk) == mv)
+        else:
+            def metadata_check(ctx: RouteContext) -> bool:
+                get = ctx.metadata.get
+                for k, v in required:
+                    if get(k) != v:
+                        return False
+                return True
+
+            checks.append(metadata_check)
 
     if not checks:
         return lambda ctx: True
@@ -177,10 +187,15 @@ def compile_condition(cond: Condition) -> Predicate:
 def _named_first(order: list[str], keep_others: bool) -> Action:
     rank = {name: i for i, name in reversed(list(enumerate(order)))}
 
+    def by_rank(c: Candidate) -> int:
+        return rank[c.name]
+
     def action(ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        named = sorted((c for c in candidates if c.name in rank), key=lambda c: rank[c.name])
+        named = [c for c in candidates if c.name in rank]
+        if len(named) > 1:
+            named.sort(key=by_rank)
         if keep_others:
-            return (*named, *(c for c in candidates if c.name not in rank))
+            named += [c for c in candidates if c.name not in rank]
         return tuple(named)
 
     return action
@@ -231,6 +246,7 @@ class RulesPolicy:
         self.rules = tuple(
             CompiledRule(r.id, r.then, compile_condition(r.when), compile_outcome(r.id, r.then)) for r in rules
         )
+        self._compiled = tuple((r.matches, r.apply) for r in self.rules)  # the decision path's view
 
     def match(self, ctx: RouteContext) -> CompiledRule | None:
         """The rule that decides this payment (for the routing record, e.g. which rule blocked)."""
@@ -240,9 +256,9 @@ class RulesPolicy:
         return None
 
     def __call__(self, ctx: RouteContext, candidates: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
-        for rule in self.rules:
-            if rule.matches(ctx):
-                return rule.apply(ctx, candidates)
+        for matches, apply in self._compiled:
+            if matches(ctx):
+                return apply(ctx, candidates)
         return candidates
 
 

@@ -709,22 +709,11 @@ class SuccessStats:
             watch = self._watch
             w = watch.get((channel, ""))
             down = False
-            if w is None:
-                p = prior
-                n = 0.0
-            else:
-                cell = w.cell
-                n = w.n
-                p = (w.p * n + prior * min_samples) / (n + min_samples) if n > 0.0 else prior
-                if w.seen:
-                    stale = self._key_events[""] - w.seen
-                    if stale > 0:
-                        n *= w.dec.stale ** stale
-                if w.run and w.run >= w.k and cell.t is not None:
-                    down = self.now - cell.t < self.config.outage_hold_s
+            if w is not None and w.run and w.run >= w.k and w.cell.t is not None:
+                down = self.now - w.cell.t < self.config.outage_hold_s
+            level = wk = None
             if key:
                 wk = watch.get((channel, key))
-                level = None
                 if self._offsets_on:  # `_level_read`, inlined
                     off = wk.off if wk is not None else None
                     level = off.level if off is not None else self._levels.get((channel, key.partition(":")[0]))
@@ -735,19 +724,30 @@ class SuccessStats:
                         p = 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
                     else:
                         level = None
-                if wk is None:
+            if level is None:  # the channel-wide estimate: the answer, or what a key's rate shrinks towards
+                if w is None:
+                    p = prior
                     n = 0.0
                 else:
-                    nk = wk.n
-                    if nk > 0.0:
-                        if wk.seen:
-                            stale = self._key_events[key] - wk.seen
-                            if stale > 0:
-                                nk *= wk.dec.stale ** stale
-                        if level is None:
-                            m = min_samples if key_samples is None else key_samples
-                            p = (wk.p * nk + p * m) / (nk + m)
-                    n = nk
+                    n = w.n
+                    p = (w.p * n + prior * min_samples) / (n + min_samples) if n > 0.0 else prior
+            if not key:
+                if w is not None and w.seen:
+                    stale = self._key_events[""] - w.seen
+                    if stale > 0:
+                        n *= w.dec.stale ** stale
+            elif wk is None:
+                n = 0.0
+            else:
+                n = wk.n
+                if n > 0.0:
+                    if wk.seen:
+                        stale = self._key_events[key] - wk.seen
+                        if stale > 0:
+                            n *= wk.dec.stale ** stale
+                    if level is None:
+                        m = min_samples if key_samples is None else key_samples
+                        p = (wk.p * n + p * m) / (n + m)
         if optimism > 0.0:
             if self._pending:
                 n += self._pending.get((channel, key), 0)
@@ -982,7 +982,8 @@ class SuccessRateRanker:
         keyed = [(-score(c.name, key, prior, ms, opt, ks), c.priority, c.name, c) for c in candidates]
         keyed.sort()  # names are unique, so candidates themselves are never compared
         ranked = [t[3] for t in keyed]
-        flat_explore(ctx, ranked, self.explore, "success_rate")
+        if self.explore:
+            flat_explore(ctx, ranked, self.explore, "success_rate")
         return tuple(ranked)
 
 

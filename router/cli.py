@@ -189,7 +189,7 @@ def cmd_route_explain(args: argparse.Namespace) -> int:
                            metadata=req.metadata)
         plan, removed, trace = chain.explain(ctx, rt.candidates())
         out.update(chain=chain.name, candidates=list(rt.channels), plan=[c.name for c in plan], removed=removed,
-                   steps=[{"policy": t.policy, "output": list(t.output)} for t in trace])
+                   steps=[{"policy": t.policy, "output": t.names} for t in trace])
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -287,7 +287,7 @@ class Pipeline:
         blocking_rule = _blocking_rule(chain, ctx) if not plan else None
         decision = RoutingDecision(
             chain=chain.name, config_version=rt.version, candidates=all_names, plan=[c.name for c in plan],
-            removed=removed, steps=[RouteStep(policy=t.policy, output=list(t.output)) for t in trace],
+            removed=removed, steps=[RouteStep(policy=t.policy, output=t.names) for t in trace],
             blocked_by=f"rule:{blocking_rule[0]}" if blocking_rule else None,
         )
         payment = msgspec.structs.replace(payment, routing=decision)

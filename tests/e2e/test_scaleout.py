@@ -113,7 +113,12 @@ async def test_channel_slower_than_the_lock_ttl_still_charges_once(sandbox, inst
     one, two = await instances(a, duplicates={"order_lock_ttl_ms": 100}), await instances(a, duplicates={"order_lock_ttl_ms": 100})
     body = payment_body(merchant_order_id="slow-1")
     slow = asyncio.create_task(one.post("/v1/payments", json=body, headers={"Idempotency-Key": "s-1"}))
-    await asyncio.sleep(0.3)  # the lock has expired while the channel is still working
+    for _ in range(500):  # until the channel holds the charge (it answers 600 ms later)
+        if a.channel.charges:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.15)  # the 100 ms lock, taken before the call, has expired; the channel still works
+    assert a.channel.charges and not slow.done()
     dup = await two.post("/v1/payments", json=body, headers={"Idempotency-Key": "s-2"})
     assert dup.status_code == 409 and dup.json()["code"] == "duplicate_merchant_order_id"
     assert (await slow).status_code == 201

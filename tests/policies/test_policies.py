@@ -84,10 +84,10 @@ def test_chain_trace_is_each_steps_output_even_when_a_step_keeps_its_input(
     for step, (policy, output) in zip(steps, trace, strict=True):
         current = step(ctx, current)
         assert policy == step.name
-        assert output == tuple(c.name for c in current)
+        assert output == current
     assert plan == current
     assert all(isinstance(t, StepTrace) for t in trace)
-    assert [c.name for c in plan] == list(trace[-1].output)
+    assert [c.name for c in plan] == trace[-1].names
 
 
 def test_registry_lists_every_policy_module() -> None:
