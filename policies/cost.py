@@ -75,10 +75,8 @@ def decode_fees(raw: Any) -> Fees:
 def round_half_even(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded to the nearest integer, ties to even (denominator > 0)."""
     q, r = divmod(numerator, denominator)
-    twice = 2 * r
-    if twice > denominator or (twice == denominator and q % 2 == 1):
-        return q + 1
-    return q
+    twice = r + r
+    return q + 1 if twice > denominator or (twice == denominator and q & 1) else q
 
 
 def schedule_for(fees: Mapping[str, Schedule], currency: str) -> Schedule | None:
@@ -220,7 +218,7 @@ class CostRanker:
             if schedule is None:
                 unpriced.append(c)
                 continue
-            f = schedule_fee(schedule, amount, volume(c.name, 0))
+            f = schedule_fee(schedule, amount, volume(c.name, 0) if schedule.volume_tiers else 0)
             p = score(c.name, key, prior, ms, opt, ks) if score is not None else prior
             priced.append((-p * (amount - f), f, c.name, c))
         priced.sort()  # by (-ev, fee, name); names are unique, so candidates themselves are never compared
