@@ -131,6 +131,11 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Trend following: rank by a discounted least-squares line's value now instead of the lagging mean.
     trend: bool = True
     trend_min_t2: float = 4.0  # k: a slope with t^2 <= k reads as flat; above, it is shrunk by k / t^2
+    # Delayed feedback: a channel's rate is read that many events ahead along its channel-wide trend
+    # line's (shrunk) slope as it has outcomes on their way (`expect`), at most `trend_ahead_max_events`:
+    # the outcomes that would show a drift are late, the line says where it has gone meanwhile.
+    trend_ahead: bool = True
+    trend_ahead_max_events: Annotated[float, msgspec.Meta(ge=0.0)] = 1000.0
     # Mixture of windows: besides the trend line, plain discounted means with these half-lives (events);
     # the rate read is their average weighted by how well each predicted the key's recent outcomes
     # (Bayesian model averaging: weights ~ exp(discounted log-likelihood, half-life
@@ -178,7 +183,7 @@ class _Watch:
     the trend-following prediction derived from them at the last event."""
 
     __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
-                 "backup_mix", "off", "dec")
+                 "backup_mix", "off", "dec", "slope")
 
     def __init__(self, cell: Cell, dec: _Decays) -> None:
         self.cell = cell
@@ -195,6 +200,7 @@ class _Watch:
         self.seen = 0  # the key's event count (over all channels) at this cell's last event
         self.n = 0.0  # the evidence behind `p` (the slow counts' total; the mixture's weighted one)
         self.pt = -1.0  # the trend line's own prediction (== p without a mixture)
+        self.slope = 0.0  # the trend line's shrunk change of the rate per event of age (negative: rising)
         self.mx: list[float] = []  # mixture windows' counts: [s0, f0, s1, f1, ...]
         self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
@@ -281,6 +287,7 @@ class SuccessStats:
         self.config = c = config
         self._log_outage_p = math.log(c.outage_p)
         self._trend_min_t2 = c.trend_min_t2  # k in the slope shrinkage (see `_predict`)
+        self._ahead_max = c.trend_ahead_max_events if c.trend and c.trend_ahead else 0.0  # 0: read at age 0
         self._n_mix = len(c.mixture_half_lives)  # 0: no mixture, the trend line alone
         self._offsets_on = c.key_model == "offset"
         one = _Decays(c, 1.0)
@@ -336,7 +343,7 @@ class SuccessStats:
                 if 0.0 < p < 1.0:
                     k = max(k, min(30, math.ceil(self._log_outage_p / math.log(1.0 - p))))
                 w.k = k
-                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt)
+                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope)
                 w.backup_mix = (list(w.mx), list(w.ll))
             w.run += 1
             if w.run >= w.k:  # an outage: its failures say nothing about approvals
@@ -436,7 +443,7 @@ class SuccessStats:
         w.n = nw / total
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
-        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt = w.backup
+        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope = w.backup
         w.mx, w.ll = w.backup_mix  # copies taken when the run started, and only restored once per run
 
     def _restart(self, cell: Cell, w: _Watch) -> None:
@@ -459,6 +466,7 @@ class SuccessStats:
         so a flat rate reads as the plain discounted mean and a real drift is followed without the
         mean's lag of about one half-life."""
         n = s + f
+        w.slope = 0.0
         if n <= 0.0:
             return -1.0
         mean = s / n
@@ -474,7 +482,8 @@ class SuccessStats:
         dd = d * d
         if dd <= k_var_d:  # t^2 <= k: flat
             return mean
-        p = mean - d * (1.0 - k_var_d / dd) * abar
+        w.slope = d * (1.0 - k_var_d / dd)
+        p = mean - w.slope * abar
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def record_outcome(
@@ -748,9 +757,17 @@ class SuccessStats:
                     if level is None:
                         m = min_samples if key_samples is None else key_samples
                         p = (wk.p * n + p * m) / (n + m)
-        if optimism > 0.0:
-            if self._pending:
+        if self._pending:
+            if self._ahead_max:  # read ahead along the channel's trend over its outcomes on their way
+                wide = self._watch.get((channel, ""))
+                if wide is not None and wide.slope:
+                    ahead = self._pending.get((channel, ""), 0)
+                    if ahead:
+                        p -= wide.slope * (ahead if ahead < self._ahead_max else self._ahead_max)
+                        p = 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
+            if optimism > 0.0:
                 n += self._pending.get((channel, key), 0)
+        if optimism > 0.0:
             p += optimism * math.sqrt(p * (1.0 - p) / (n + 1.0))
         return p - 1.0 if down else p
 

@@ -415,6 +415,48 @@ def test_expected_outcomes_count_as_evidence_on_their_way() -> None:
     assert stats._pending == {}
 
 
+def declining(start: float, end: float, n: int) -> str:
+    """A deterministic sequence whose success share moves linearly from `start` to `end`."""
+    out, cum = [], 0.0
+    for i in range(n):
+        nxt = cum + start + (end - start) * i / n
+        out.append("1" if int(nxt) > int(cum) else "0")
+        cum = nxt
+    return "".join(out)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_drifting_channel_is_read_ahead_over_its_outcomes_on_their_way(ahead: bool) -> None:
+    """Delayed feedback: 800 outcomes of a channel falling from 95 % to 80 % are still on their way. Read
+    ahead along its trend (the default), its rate is nearer where the channel is now than the rate its
+    arrived outcomes show; with `trend_ahead: false`, or nothing pending, it reads as before."""
+    total, late = 4000, 800
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, trend_ahead=ahead, **MIXTURE))
+    feed(stats, "a", declining(0.95, 0.80, total)[: total - late])
+    arrived = stats.score("a", "", 0.8, 20, 0.0)
+    for i in range(late):
+        stats.expect("a", ctx(f"late{i}"))
+    read = stats.score("a", "", 0.8, 20, 0.0)
+    now = 0.80  # the true rate at the last payment sent
+    if ahead:
+        assert read < arrived
+        assert abs(read - now) < abs(arrived - now)
+    else:
+        assert read == arrived
+    for i in range(late):
+        stats.settle(ctx(f"late{i}"))
+    assert stats.score("a", "", 0.8, 20, 0.0) == arrived
+
+
+def test_a_steady_channel_is_not_moved_by_its_outcomes_on_their_way() -> None:
+    stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, **MIXTURE))
+    feed(stats, "a", rate_pattern(0.90, 3000))
+    before = stats.score("a", "", 0.8, 20, 0.0)
+    for i in range(800):
+        stats.expect("a", ctx(f"late{i}"))
+    assert stats.score("a", "", 0.8, 20, 0.0) == pytest.approx(before, abs=1e-3)
+
+
 def step_in_two_countries(scope: str) -> tuple[dict[str, float], dict[str, float], float]:
     """92 % for 3000 payments (DE twice as many as FR), then 75 % for 60: (evidence before, after, FR rate)."""
     stats = sr.SuccessStats(sr.StatsConfig(outage_min_run=10**9, change_scope=scope, **DETECT))  # type: ignore[arg-type]
