@@ -132,7 +132,8 @@ class StatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     trend: bool = True
     trend_min_t2: float = 4.0  # k: a slope with t^2 <= k reads as flat; above, it is shrunk by k / t^2
     # Delayed feedback: a channel's rate is read that many events ahead along its channel-wide trend
-    # line's (shrunk) slope as it has outcomes on their way (`expect`), at most `trend_ahead_max_events`:
+    # line's (shrunk) slope as it has outcomes on their way (`expect`), at most `trend_ahead_max_events`
+    # and at most the mean age of the line's outcomes (no further ahead than its evidence reaches back):
     # the outcomes that would show a drift are late, the line says where it has gone meanwhile.
     trend_ahead: bool = True
     trend_ahead_max_events: Annotated[float, msgspec.Meta(ge=0.0)] = 1000.0
@@ -183,7 +184,7 @@ class _Watch:
     the trend-following prediction derived from them at the last event."""
 
     __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
-                 "backup_mix", "off", "dec", "slope")
+                 "backup_mix", "off", "dec", "slope", "reach")
 
     def __init__(self, cell: Cell, dec: _Decays) -> None:
         self.cell = cell
@@ -201,6 +202,7 @@ class _Watch:
         self.n = 0.0  # the evidence behind `p` (the slow counts' total; the mixture's weighted one)
         self.pt = -1.0  # the trend line's own prediction (== p without a mixture)
         self.slope = 0.0  # the trend line's shrunk change of the rate per event of age (negative: rising)
+        self.reach = 0.0  # the mean age of its outcomes: how far ahead the line may be read
         self.mx: list[float] = []  # mixture windows' counts: [s0, f0, s1, f1, ...]
         self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
@@ -343,7 +345,7 @@ class SuccessStats:
                 if 0.0 < p < 1.0:
                     k = max(k, min(30, math.ceil(self._log_outage_p / math.log(1.0 - p))))
                 w.k = k
-                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope)
+                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope, w.reach)
                 w.backup_mix = (list(w.mx), list(w.ll))
             w.run += 1
             if w.run >= w.k:  # an outage: its failures say nothing about approvals
@@ -443,7 +445,7 @@ class SuccessStats:
         w.n = nw / total
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
-        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope = w.backup
+        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope, w.reach = w.backup
         w.mx, w.ll = w.backup_mix  # copies taken when the run started, and only restored once per run
 
     def _restart(self, cell: Cell, w: _Watch) -> None:
@@ -483,6 +485,7 @@ class SuccessStats:
         if dd <= k_var_d:  # t^2 <= k: flat
             return mean
         w.slope = d * (1.0 - k_var_d / dd)
+        w.reach = abar
         p = mean - w.slope * abar
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
@@ -762,8 +765,9 @@ class SuccessStats:
                 wide = self._watch.get((channel, ""))
                 if wide is not None and wide.slope:
                     ahead = self._pending.get((channel, ""), 0)
-                    if ahead:
-                        p -= wide.slope * (ahead if ahead < self._ahead_max else self._ahead_max)
+                    if ahead:  # no further than the line's own outcomes reach back, nor the configured most
+                        reach = wide.reach if wide.reach < self._ahead_max else self._ahead_max
+                        p -= wide.slope * (ahead if ahead < reach else reach)
                         p = 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
             if optimism > 0.0:
                 n += self._pending.get((channel, key), 0)
