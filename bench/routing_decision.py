@@ -8,7 +8,7 @@
 Both over 10 candidates with fee schedules and warmed success statistics. Each decision uses a fresh
 payment id (so sticky draws are really computed) and is what the pipeline runs: `Chain.explain`, the
 plan, the removed channels and the trace of each step's output (whose names the pipeline reads when it
-builds the payment's record, about 1 us, outside this figure). Prints p50/p99 microseconds per decision for every
+builds the payment's record, outside this figure). Prints p50/p99 microseconds per decision for every
 chain; the target is p99 <= 50 us for a 5-policy chain (printed, never asserted).
 Run: .venv/bin/python bench/routing_decision.py [-n 100000]
 """

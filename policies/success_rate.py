@@ -184,7 +184,7 @@ class _Watch:
     the trend-following prediction derived from them at the last event."""
 
     __slots__ = ("cell", "gp", "gn", "run", "k", "backup", "a1", "a2", "y1", "p", "seen", "n", "pt", "mx", "ll",
-                 "backup_mix", "off", "dec", "slope", "reach")
+                 "backup_mix", "off", "dec", "slope")
 
     def __init__(self, cell: Cell, dec: _Decays) -> None:
         self.cell = cell
@@ -202,7 +202,6 @@ class _Watch:
         self.n = 0.0  # the evidence behind `p` (the slow counts' total; the mixture's weighted one)
         self.pt = -1.0  # the trend line's own prediction (== p without a mixture)
         self.slope = 0.0  # the trend line's shrunk change of the rate per event of age (negative: rising)
-        self.reach = 0.0  # the mean age of its outcomes: how far ahead the line may be read
         self.mx: list[float] = []  # mixture windows' counts: [s0, f0, s1, f1, ...]
         self.ll: list[float] = []  # discounted log-likelihood of each expert: windows, then the trend line
         self.backup_mix: tuple[list[float], list[float]] = ([], [])  # mx and ll before a failure run
@@ -345,7 +344,7 @@ class SuccessStats:
                 if 0.0 < p < 1.0:
                     k = max(k, min(30, math.ceil(self._log_outage_p / math.log(1.0 - p))))
                 w.k = k
-                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope, w.reach)
+                w.backup = (cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope)
                 w.backup_mix = (list(w.mx), list(w.ll))
             w.run += 1
             if w.run >= w.k:  # an outage: its failures say nothing about approvals
@@ -445,7 +444,7 @@ class SuccessStats:
         w.n = nw / total
 
     def _restore(self, cell: Cell, w: _Watch) -> None:
-        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope, w.reach = w.backup
+        cell.fs, cell.ff, cell.ss, cell.sf, w.gp, w.gn, w.a1, w.a2, w.y1, w.p, w.n, w.pt, w.slope = w.backup
         w.mx, w.ll = w.backup_mix  # copies taken when the run started, and only restored once per run
 
     def _restart(self, cell: Cell, w: _Watch) -> None:
@@ -485,7 +484,6 @@ class SuccessStats:
         if dd <= k_var_d:  # t^2 <= k: flat
             return mean
         w.slope = d * (1.0 - k_var_d / dd)
-        w.reach = abar
         p = mean - w.slope * abar
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
@@ -660,7 +658,7 @@ class SuccessStats:
         p, n, n_fresh = self.rate(channel, "")
         base = (p * n + prior * min_samples) / (n + min_samples) if n > 0 else prior
         if key == "":
-            return base, n_fresh
+            return self._read_ahead(channel, base), n_fresh
         p, n, n_fresh = self.rate(channel, key)
         if n > 0.0:
             m = min_samples if key_samples is None else key_samples
@@ -669,7 +667,19 @@ class SuccessStats:
             p = base
         if self._offsets_on:
             p = self._level_read(channel, key, prior, min_samples, key_samples, p)
-        return p, n_fresh
+        return self._read_ahead(channel, p), n_fresh
+
+    def _read_ahead(self, channel: str, p: float) -> float:
+        """`p` read ahead along the channel's trend line over its outcomes on their way (`trend_ahead`):
+        as many events as it has pending, at most `trend_ahead_max_events` and at most the mean age of
+        the line's outcomes (as `_predict` reads it), within [0, 1]."""
+        w = self._watch.get((channel, ""))
+        ahead = self._pending.get((channel, ""), 0)
+        if not (self._ahead_max and ahead and w is not None and w.slope):
+            return p
+        reach = min(self._ahead_max, w.a1 / (w.cell.ss + w.cell.sf))
+        p -= w.slope * (ahead if ahead < reach else reach)
+        return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
 
     def _level_read(
         self, channel: str, key: str, prior: float, min_samples: float, key_samples: float | None, otherwise: float
@@ -760,18 +770,11 @@ class SuccessStats:
                     if level is None:
                         m = min_samples if key_samples is None else key_samples
                         p = (wk.p * n + p * m) / (n + m)
-        if self._pending:
-            if self._ahead_max:  # read ahead along the channel's trend over its outcomes on their way
-                wide = self._watch.get((channel, ""))
-                if wide is not None and wide.slope:
-                    ahead = self._pending.get((channel, ""), 0)
-                    if ahead:  # no further than the line's own outcomes reach back, nor the configured most
-                        reach = wide.reach if wide.reach < self._ahead_max else self._ahead_max
-                        p -= wide.slope * (ahead if ahead < reach else reach)
-                        p = 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
-            if optimism > 0.0:
-                n += self._pending.get((channel, key), 0)
+            if self._pending and w is not None and w.slope:
+                p = self._read_ahead(channel, p)
         if optimism > 0.0:
+            if self._pending:
+                n += self._pending.get((channel, key), 0)
             p += optimism * math.sqrt(p * (1.0 - p) / (n + 1.0))
         return p - 1.0 if down else p
 
