@@ -673,9 +673,11 @@ class SuccessStats:
         """`p` read ahead along the channel's trend line over its outcomes on their way (`trend_ahead`):
         as many events as it has pending, at most `trend_ahead_max_events` and at most the mean age of
         the line's outcomes (as `_predict` reads it), within [0, 1]."""
-        w = self._watch.get((channel, ""))
+        if not (self._ahead_max and self._pending):
+            return p
         ahead = self._pending.get((channel, ""), 0)
-        if not (self._ahead_max and ahead and w is not None and w.slope):
+        w = self._watch.get((channel, "")) if ahead else None
+        if w is None or not w.slope:
             return p
         reach = min(self._ahead_max, w.a1 / (w.cell.ss + w.cell.sf))
         p -= w.slope * (ahead if ahead < reach else reach)

@@ -42,6 +42,15 @@ async def no_sleep(_: float) -> None:
     await asyncio.sleep(0)
 
 
+async def wait_for(predicate: Callable[[], object], what: str) -> None:
+    """Until `predicate()` is truthy, polled every 10 ms for at most 4 s."""
+    for _ in range(400):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @dataclass
 class Payroute:
     base_url: str

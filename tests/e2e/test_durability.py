@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.conftest import API_KEY, payment_body
+from tests.conftest import API_KEY, payment_body, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,23 +110,14 @@ async def test_acknowledged_payments_survive_kill_9(tmp_path: Path) -> None:
         assert pid in events  # and its outbox event, from the same transaction
 
 
-async def wait_processing(db_path: Path, order_id: str) -> None:
-    """Until the durable record holds the order as `processing` (written before the channel call)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if db_path.exists():
-            db = sqlite3.connect(db_path, timeout=1)
-            try:
-                row = db.execute("SELECT status FROM payments WHERE merchant_order_id = ?", (order_id,)).fetchone()
-            except sqlite3.OperationalError:  # the schema is not there yet
-                row = None
-            finally:
-                db.close()
-            if row is not None:
-                assert row == ("processing",), row
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{order_id} never reached the channel")
+def recorded_status(db_path: Path, order_id: str) -> str | None:
+    """The order's status in the durable record (the server has created it), None before its row."""
+    db = sqlite3.connect(db_path, timeout=1)
+    try:
+        row = db.execute("SELECT status FROM payments WHERE merchant_order_id = ?", (order_id,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
 
 
 async def test_sigterm_finishes_in_flight_payments_then_exits(tmp_path: Path) -> None:
@@ -142,7 +133,9 @@ async def test_sigterm_finishes_in_flight_payments_then_exits(tmp_path: Path) ->
         await wait_ready(base, proc)
         async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as c:
             in_flight = asyncio.create_task(c.post("/v1/payments", json=payment_body(merchant_order_id="term-1")))
-            await wait_processing(tmp_path / "payroute.db", "term-1")  # now waiting on the channel
+            db_path = tmp_path / "payroute.db"
+            await wait_for(lambda: recorded_status(db_path, "term-1"), "term-1 recorded")
+            assert recorded_status(db_path, "term-1") == "processing"  # written before the channel call
             proc.send_signal(signal.SIGTERM)
             r = await in_flight
             assert r.status_code == 201 and r.json()["status"] == "captured"

@@ -26,7 +26,7 @@ from router.webhooks import (
     new_secret,
 )
 from router.webhooks_cli import add_webhooks_parser
-from tests.conftest import API_KEY, GOOD_CARD, channel_entry, make_config, payment_body
+from tests.conftest import API_KEY, GOOD_CARD, channel_entry, make_config, payment_body, wait_for
 from tests.router.test_webhooks import Receiver, StartReceiver, receiver  # noqa: F401 - the fixture
 
 ADMIN = "admin-token-for-webhooks-0001"
@@ -62,14 +62,6 @@ def cli(base: str, *argv: str) -> tuple[int, Any]:
     with contextlib.redirect_stdout(out):
         code = int(args.func(args))
     return code, orjson.loads(out.getvalue())
-
-
-async def wait_for(predicate: Any, what: str) -> None:
-    for _ in range(400):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_payment_webhook_is_signed_card_free_and_redrivable(tmp_path: Path, receiver: StartReceiver) -> None:  # noqa: F811
