@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,14 @@ async def no_sleep(_: float) -> None:
     await asyncio.sleep(0)
 
 
-async def wait_for(predicate: Callable[[], object], what: str) -> None:
-    """Until `predicate()` is truthy, polled every 10 ms for at most 4 s."""
-    for _ in range(400):
-        if predicate():
+async def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 4.0) -> None:
+    """Until `predicate()` is truthy (awaited if it returns an awaitable), polled every 10 ms for at
+    most `timeout_s`."""
+    for _ in range(max(1, round(timeout_s / 0.01))):
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")

@@ -23,6 +23,7 @@ from adapters.sandbox.server import (
     run_sandbox,
     start_channel,
 )
+from tests.conftest import wait_for
 
 PAN = "4242424242424242"
 CVC = "987"
@@ -106,14 +107,6 @@ async def ledger(http: aiohttp.ClientSession, rc: RunningChannel) -> dict[str, A
     reply = await call(http, "GET", f"{rc.base_url}/_sandbox/ledger")
     assert reply.status == 200
     return dict(reply.body)
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], attempts: int = 100) -> bool:
-    for _ in range(attempts):
-        if await predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 async def refused(http: aiohttp.ClientSession, rc: RunningChannel) -> bool:
@@ -370,7 +363,7 @@ async def test_refuse_via_script_endpoint(serve: Serve, http: aiohttp.ClientSess
     rc = await serve()
     put = await call(http, "PUT", f"{rc.base_url}/_sandbox/script", {"failure": "refuse"})
     assert put.status == 200 and put.body["failure"] == "refuse"
-    assert await wait_until(lambda: refused(http, rc))
+    await wait_for(lambda: refused(http, rc), "the channel refusing connections")
     await rc.set_script(Script())
     assert not await refused(http, rc)
 
@@ -415,7 +408,7 @@ async def test_refuse_outage_window_closes_and_reopens_socket(
     await rc.sync()
     assert await refused(http, rc)
     clock.now += 10
-    assert await wait_until(lambda: _not(refused(http, rc)))  # the poller re-opens it
+    await wait_for(lambda: _not(refused(http, rc)), "the poller re-opening the channel")
     assert rc.port == port and rc.listening
 
 

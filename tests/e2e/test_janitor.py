@@ -12,6 +12,7 @@ from router.config import JanitorSettings
 from router.janitor import Janitor
 from router.model import Payment, PaymentMethod, RoutingDecision, Status
 from router.pipeline import new_id
+from tests.conftest import wait_for
 
 
 def later(seconds: float):  # type: ignore[no-untyped-def]
@@ -30,10 +31,7 @@ async def test_crash_after_the_request_left_settles_on_the_channel_that_charged(
     pr = await payroute({"a": a, "b": b}, chan_over={"a": {"timeouts": {"connect_ms": 500, "total_ms": 4000}}})
     # simulate a crash mid-call: the request reached channel a (which charged), then the process died
     task = asyncio.create_task(pr.pay(merchant_order_id="crash-1"))
-    for _ in range(200):
-        if a.channel.charges:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: a.channel.charges, "channel a's charge")
     task.cancel()
     stuck = await pr.pipeline.store.list_by_status([Status.PROCESSING], datetime.now(UTC) + timedelta(seconds=1))
     assert len(stuck) == 1
