@@ -43,10 +43,10 @@ async def no_sleep(_: float) -> None:
     await asyncio.sleep(0)
 
 
-async def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 4.0) -> None:
+async def wait_for(predicate: Callable[[], object], what: str) -> None:
     """Until `predicate()` is truthy (awaited if it returns an awaitable), polled every 10 ms for at
-    most `timeout_s`."""
-    for _ in range(max(1, round(timeout_s / 0.01))):
+    most 4 s."""
+    for _ in range(400):
         result = predicate()
         if inspect.isawaitable(result):
             result = await result
