@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from policies.success_rate import SuccessStats
 from router import __version__
+from router import openapi as openapi_doc
 from router.config import Config, restart_only_changes
 from router.duplicates import FingerprintWindow, MemoryFingerprintWindow
 from router.errors import (
@@ -47,7 +48,6 @@ from router.locks import MemoryOrderLocks, OrderLocks, coordination_errors
 from router.logs import request_id
 from router.metrics import Metrics
 from router.model import Payment
-from router.openapi import OPENAPI
 from router.pipeline import Pipeline, new_id, payment_body
 from router.runtime import Runtime, RuntimeHolder
 from router.runtime import load as load_runtime_config
@@ -107,6 +107,8 @@ async def edge(request: web.Request, handler: Callable[[web.Request], Awaitable[
             resp = problem_response(p, request.path)
         except web.HTTPException as e:
             resp = problem_response(_http_problem(e), request.path)
+            if "Allow" in e.headers:  # a 405 names the methods the resource has (RFC 9110 15.5.6)
+                resp.headers["Allow"] = e.headers["Allow"]
         except (StoreUnavailable, CoordinationUnavailable) as e:
             # fail closed. A retry with the same Idempotency-Key and merchant_order_id is always safe: the
             # unique order id and the deterministic channel keys stop a second charge.
@@ -130,7 +132,8 @@ def _http_problem(e: web.HTTPException) -> ProblemError:
     if e.status == 404:
         return ProblemError(404, "not_found", "No such route", "see /openapi.json for the API")
     if e.status == 405:
-        return ProblemError(405, "method_not_allowed", "Method not allowed")
+        allowed = e.headers.get("Allow", "")
+        return ProblemError(405, "method_not_allowed", "Method not allowed", f"allowed: {allowed}" if allowed else None)
     if e.status == 413:
         return ProblemError(413, "body_too_large", "The request body is too large")
     return ProblemError(e.status, "http_error", e.reason)
@@ -405,7 +408,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(OPENAPI)
+    return json_response(openapi_doc.document())
 
 
 # ------------------------------------------------------------------ wiring

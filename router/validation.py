@@ -80,6 +80,16 @@ def _country_codes() -> frozenset[str]:
     return frozenset(c.alpha_2 for c in pycountry.countries)
 
 
+def active_currencies() -> frozenset[str]:
+    """The ISO 4217 codes a payment may be in (upper case)."""
+    return frozenset(_currency_table())
+
+
+def country_codes() -> frozenset[str]:
+    """The ISO 3166-1 alpha-2 codes (upper case)."""
+    return _country_codes()
+
+
 def currency_exponent(code: str) -> int | None:
     """The number of minor-unit digits of an active ISO 4217 code (upper case), or None."""
     return _currency_table().get(code)

@@ -92,3 +92,14 @@ async def test_every_bad_field_is_named_at_once(sandbox, payroute) -> None:
 
 def test_table_is_big_enough() -> None:
     assert len(CASES) >= 25
+
+
+async def test_a_wrong_method_names_the_allowed_ones(sandbox, payroute) -> None:  # type: ignore[no-untyped-def]
+    pr = await payroute({"a": await sandbox("a")})
+    for method, path, allowed in (("DELETE", "/v1/payments", {"POST"}),
+                                  ("TRACE", "/v1/payments/pay_x/refunds", {"POST"}),
+                                  ("PUT", "/v1/payments/pay_x", {"GET", "HEAD"})):
+        r = await pr.client.request(method, path)
+        assert r.status_code == 405, r.text
+        assert {m.strip() for m in r.headers["Allow"].split(",")} == allowed, (path, r.headers)
+        assert r.json()["code"] == "method_not_allowed" and "allowed:" in r.json()["detail"]
