@@ -60,10 +60,11 @@ _wallet_methods = [
 ]
 
 
-
-def _document() -> dict[str, Any]:
-    _currencies = sorted(active_currencies())
-    _countries = sorted(country_codes())
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI document (built on first use: the code lists load pycountry's tables)."""
+    currencies = sorted(active_currencies())
+    countries = sorted(country_codes())
     return {
         "openapi": "3.1.0",
         "info": {"title": "payroute merchant API", "version": "1"},
@@ -82,9 +83,9 @@ def _document() -> dict[str, Any]:
                                    "description": "minor units of the currency, a JSON integer (1099, never 10.99 "
                                                   "or 1099.0); at most the server's `max_amount` (default shown) and "
                                                   "the merchant's"},
-                        "currency": {"type": "string", "enum": _currencies,
+                        "currency": {"type": "string", "enum": currencies,
                                      "description": "an active ISO 4217 code (upper case here; lower case is accepted)"},
-                        "country": {"type": "string", "enum": _countries, "description": "ISO 3166-1 alpha-2"},
+                        "country": {"type": "string", "enum": countries, "description": "ISO 3166-1 alpha-2"},
                         "capture": {"type": "boolean", "default": True},
                         "merchant_order_id": _printable_id,
                         "payment_method": {"oneOf": [_card_method, *_wallet_methods]},
@@ -136,9 +137,3 @@ def _document() -> dict[str, Any]:
             "/metrics": {"get": {"security": [], "summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
         },
     }
-
-
-@functools.cache
-def document() -> dict[str, Any]:
-    """The OpenAPI document (built on first use: the code lists load pycountry's tables)."""
-    return _document()
