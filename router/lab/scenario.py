@@ -6,8 +6,9 @@ A scenario describes a world and the strategies to try in it:
   seconds since the start; arrivals are Poisson at `arrival_rate` tx/s either way).
 - each channel's approval probability is a `Curve` (piecewise-linear `points` or a constant `base`,
   plus `periodic` sine terms), per segment when `segments` overrides it. It is the probability that
-  the channel approves a card that is not hard-declined, on a first attempt; a failover attempt is
-  multiplied by `retry_factor` (soft declines correlate across channels: the issuer is the same).
+  the channel approves a card that is not hard-declined, on a first attempt; a failover attempt after
+  a soft decline is multiplied by `retry_factor` (soft declines correlate across channels: the issuer
+  is the same); one after a channel that was down or refused the payment is not (no issuer saw it).
 - hard declines belong to the transaction (`Segment.hard_decline`): the same for every channel.
 - `outages` (windows) and `downtime` (random, exponential gaps and durations) make a channel
   unavailable; a share `unknown_share` of calls to a down channel time out after sending (outcome
@@ -196,7 +197,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     arrival_rate: Positive = 50.0  # tx per virtual second
     # six by default: a scenario's gap-captured figure moves by 10-20 points between sets of three seeds
     seeds: Annotated[list[int], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
-    retry_factor: Probability = 0.6  # approval multiplier on a failover attempt
+    retry_factor: Probability = 0.6  # approval multiplier on a failover attempt after a soft decline
     amount: Amount = Amount()
     blocked: list[BlockRule] = msgspec.field(default_factory=list)
     feedback: Feedback = Feedback()

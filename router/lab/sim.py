@@ -397,6 +397,7 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
         # attempts, as the pipeline makes them
         lat = 0.0
         attempts = 0
+        declined = False  # a soft decline so far: only then is a fail-over's approval retry_factor'd
         for cand in plan:
             c = index[cand.name]
             if t < open_until[c]:  # breaker gate: skipped, nothing sent
@@ -424,8 +425,9 @@ def run_strategy(world: World, name: str, chain_steps: list[dict[str, Any]] | No
             lat += world.latency_ms[i][c]
             if tx.hard:
                 break  # the card's fault: counts_for_channel("hard_decline") is None, nothing recorded
-            p = q[c] if attempts == 1 else q[c] * retry_factor
+            p = q[c] * retry_factor if declined else q[c]
             ok = world.u[i][c] < p
+            declined = declined or not ok
             verdict = counts_for_channel("approved" if ok else "soft_decline", None if ok else "do_not_honor")
             if chains and verdict is not None and (learn_all or attempts == 1):
                 if delay_tx or delay_s:

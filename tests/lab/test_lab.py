@@ -118,6 +118,22 @@ def test_static_strategy_matches_its_analytic_approval() -> None:
     assert res.exp_approval == pytest.approx((1 - h) * p1, abs=1e-9)  # first attempt, true probability
 
 
+def test_failover_after_a_down_channel_is_not_retry_factored() -> None:
+    # alpha down all along and its breaker never opening: every payment's first attempt finds it down
+    # and fails over to beta, whose issuer sees the card for the first time: P = (1-h) * p2, not × f
+    h, p2, f = 0.05, 0.86, 0.6
+    sc = scenario(
+        transactions=20_000, static=["alpha", "beta"], retry_factor=f, strategies=[],
+        breaker={"fail_max": 10**9},
+        channels=[{"name": "alpha", "approval": {"base": 0.92}, "outages": [{"start": 0, "end": 20_000}]},
+                  {"name": "beta", "approval": {"base": p2}}],
+    )
+    world = build_world(sc, 7)
+    res = run_strategy(world, "static", [{"policy": "priority", "order": ["alpha", "beta"]}])
+    assert res.failovers == res.n
+    assert res.approved / res.n == pytest.approx((1 - h) * p2, abs=0.01)
+
+
 def test_outage_adaptive_beats_static_priority() -> None:
     sc = scenario(
         transactions=4000, static="primary",
